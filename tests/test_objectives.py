@@ -276,3 +276,31 @@ def test_preference_loss_rejects_mismatched_shapes():
         preference_loss(torch.zeros(3), torch.zeros(2), torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"shape \(P,\)"):
         preference_loss(torch.zeros(3, 1), torch.zeros(3, 1), torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_image_index_scores_many_pairs_from_one_forward(channels):
+    """P pairs over B images: same values and gradients as copying each pair's logits row."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, channels, 7, 5, generator=gen, dtype=torch.float64)
+    image_index = torch.tensor([0, 0, 2, 1, 2, 2])
+    high = 2 if channels == 1 else channels
+    chosen = torch.randint(0, high, (6, 7, 5), generator=gen)
+    rejected = torch.randint(0, high, (6, 7, 5), generator=gen)
+
+    shared = logits.clone().requires_grad_(True)
+    logratio, region = mask_logratio(shared, chosen, rejected, image_index=image_index)
+    chosen_logp, rejected_logp, _ = mask_logps(shared, chosen, rejected, image_index=image_index)
+    copied = logits.clone().requires_grad_(True)
+    expected = brute_force_logp(copied[image_index], chosen) - brute_force_logp(copied[image_index], rejected)
+    torch.testing.assert_close(logratio, expected)
+    torch.testing.assert_close(chosen_logp - rejected_logp, expected)
+    assert region.shape == (6,)
+    logratio.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(shared.grad, copied.grad)
+
+    with pytest.raises(ValueError, match="image_index must index"):
+        mask_logratio(logits, chosen, rejected, image_index=torch.tensor([0, 0, 3, 1, 2, 2]))
+    with pytest.raises(ValueError, match="chosen has shape"):
+        mask_logratio(logits, chosen[:4], rejected[:4], image_index=image_index)

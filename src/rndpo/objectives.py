@@ -30,13 +30,24 @@ NORMALIZATIONS = ("none", "region")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _check_masks(logits: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-    """Validate ``logits (B, C, *spatial)`` against integer label maps ``(B, *spatial)``."""
+def _check_masks(
+    logits: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, image_index: torch.Tensor | None
+) -> None:
+    """Validate ``logits (B, C, *spatial)`` against integer label maps ``(B or P, *spatial)``."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor (B, C, *spatial), got {getattr(logits, 'dtype', type(logits))}")
     if logits.ndim < 3:
         raise ValueError(f"logits must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(logits.shape)}")
-    expected = (logits.shape[0], *logits.shape[2:])
+    if image_index is None:
+        rows = logits.shape[0]
+    else:
+        if not isinstance(image_index, torch.Tensor) or image_index.ndim != 1 or image_index.is_floating_point():
+            raise ValueError(f"image_index must be an integer tensor of shape (P,), got {getattr(image_index, 'shape', type(image_index))}")
+        if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= logits.shape[0]):
+            raise ValueError(f"image_index must index the {logits.shape[0]} rows of logits, got values in "
+                             f"[{int(image_index.min())}, {int(image_index.max())}]")
+        rows = image_index.shape[0]
+    expected = (rows, *logits.shape[2:])
     num_channels = logits.shape[1]
     for name, mask in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(mask, torch.Tensor):
@@ -58,81 +69,108 @@ def _compute_dtype(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in _LOW_PRECISION else logits
 
 
-def mask_logratio(logits: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_region(
+    logits: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, image_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather what the disagreement region needs, touching only the pixels of D.
+
+    Returns ``(row, logits_at_d, chosen_at_d, rejected_at_d, region)``: ``row (M,)`` the mask row of
+    each of the M pixels of D (over all rows), ``logits_at_d (M, C)`` their logits (rows mapped through
+    ``image_index``), their labels ``(M,)`` int64, and ``region (R,)`` int64 = |D| per mask row.
+    """
+    disagree = (chosen != rejected).flatten(1)  # (R, N)
+    region = disagree.sum(dim=1)
+    row, pixel = disagree.nonzero(as_tuple=True)
+    image = row if image_index is None else image_index.to(row.device)[row]
+    logits_at_d = logits.flatten(2)[image, :, pixel]  # (M, C): one gather, one scatter in backward
+    return row, logits_at_d, chosen.flatten(1)[row, pixel].long(), rejected.flatten(1)[row, pixel].long(), region
+
+
+def _sum_by_row(values: torch.Tensor, row: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.zeros(rows, dtype=values.dtype, device=values.device).index_add(0, row, values)
+
+
+def mask_logratio(
+    logits: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    *,
+    image_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihood ratio ``log π(chosen|x) − log π(rejected|x)`` of two masks under a per-pixel policy.
 
-    Computed through the disagreement-region identity (no log-softmax over the image): only pixels
-    where the masks differ contribute, and the gradient w.r.t. ``logits`` is exactly zero elsewhere.
+    Computed through the disagreement-region identity (no log-softmax over the image): only the
+    pixels where the masks differ are gathered, so work and memory scale with ``|D|``, and the
+    gradient w.r.t. ``logits`` is exactly zero elsewhere.
 
     Args:
         logits: ``(B, C, *spatial)`` (2D ``BCHW`` or 3D ``BCHWD``) raw network outputs. ``C == 1``:
             binary with a sigmoid; ``C >= 2``: multi-class with a softmax over channels.
             Half-precision inputs are computed in float32.
         chosen: ``(B, *spatial)`` integer (or bool) label map of the preferred mask, labels in
-            ``{0, 1}`` for ``C == 1`` and ``[0, C)`` otherwise.
-        rejected: ``(B, *spatial)`` label map of the dispreferred mask, same rules.
+            ``{0, 1}`` for ``C == 1`` and ``[0, C)`` otherwise. ``(P, *spatial)`` with ``image_index``.
+        rejected: label map of the dispreferred mask, same rules and shape as ``chosen``.
+        image_index: optional ``(P,)`` integer row of ``logits`` that each of P mask pairs belongs to,
+            so that all pairs of one image are scored from one forward pass without copying logits.
 
     Returns:
-        ``(logratio, region)``: ``logratio (B,)`` float (float32, or float64 for float64 logits) and
-        ``region (B,)`` int64, the number of pixels ``|D|`` where the two masks differ.
+        ``(logratio, region)``: ``logratio (B,)`` (or ``(P,)``) float (float32, or float64 for float64
+        logits) and ``region`` of the same shape, int64: the number of pixels ``|D|`` where the
+        two masks differ.
 
     Raises:
-        ValueError: non-float logits, fewer than 3 dims, mask shape not ``(B, *spatial)``, non-integer
-            masks, or labels out of range.
+        ValueError: non-float logits, fewer than 3 dims, mask shape not ``(B, *spatial)`` (or
+            ``(P, *spatial)``), non-integer masks, labels out of range, ``image_index`` out of range.
     """
-    _check_masks(logits, chosen, rejected)
+    _check_masks(logits, chosen, rejected, image_index)
     logits = _compute_dtype(logits)
-    disagree = (chosen != rejected).flatten(1)  # (B, N)
-    region = disagree.sum(dim=1)
-    # Gather the logits of D only: work and memory scale with |D|, not with the image.
-    batch_index, pixel_index = disagree.nonzero(as_tuple=True)
-    flat_logits = logits.flatten(2)  # (B, C, N), a view
-    chosen_at_d = chosen.flatten(1)[batch_index, pixel_index].long()
+    row, logits_at_d, chosen_at_d, rejected_at_d, region = _gather_region(logits, chosen, rejected, image_index)
     if logits.shape[1] == 1:
         # s_i z_i on D: +z where chosen is foreground, −z where chosen is background.
-        z = flat_logits[batch_index, 0, pixel_index]
+        z = logits_at_d[:, 0]
         contrib = torch.where(chosen_at_d == 1, z, -z)
     else:
-        rejected_at_d = rejected.flatten(1)[batch_index, pixel_index].long()
-        # one gather for both masks, so the backward scatters into a single logits-sized buffer
-        both = flat_logits[batch_index.repeat(2), torch.cat([chosen_at_d, rejected_at_d]), pixel_index.repeat(2)]
-        contrib = both[: batch_index.numel()] - both[batch_index.numel() :]
-    logratio = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device).index_add(0, batch_index, contrib)
-    return logratio, region
+        contrib = logits_at_d.gather(1, chosen_at_d[:, None])[:, 0] - logits_at_d.gather(1, rejected_at_d[:, None])[:, 0]
+    return _sum_by_row(contrib, row, region.shape[0]), region
 
 
 def mask_logps(
-    logits: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
+    logits: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    *,
+    image_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of each mask restricted to the disagreement region D.
 
     ``chosen_logp = Σ_{i∈D} log p(chosen_i|x)`` and ``rejected_logp = Σ_{i∈D} log p(rejected_i|x)``;
     their difference equals :func:`mask_logratio` (pixels outside D contribute equally to both masks,
-    so D-restricted log-probabilities are the part that differs). Used for TRL-style
-    ``rewards/chosen`` and ``rewards/rejected`` statistics.
+    so D-restricted log-probabilities are the part that differs). Used for the reference terms stored
+    with each pair and for TRL-style ``rewards/chosen`` and ``rewards/rejected`` statistics. Like
+    :func:`mask_logratio`, only the pixels of D are touched (the softmax runs over their C logits).
 
     Args:
         logits: ``(B, C, *spatial)``; see :func:`mask_logratio`.
-        chosen: ``(B, *spatial)`` label map.
-        rejected: ``(B, *spatial)`` label map.
+        chosen: ``(B, *spatial)`` label map (``(P, *spatial)`` with ``image_index``).
+        rejected: same shape as ``chosen``.
+        image_index: optional ``(P,)`` row of ``logits`` of each pair; see :func:`mask_logratio`.
 
     Returns:
-        ``(chosen_logp (B,), rejected_logp (B,), region (B,) int64)``.
+        ``(chosen_logp, rejected_logp, region)``, each ``(B,)`` (or ``(P,)``); region int64.
     """
-    _check_masks(logits, chosen, rejected)
+    _check_masks(logits, chosen, rejected, image_index)
     logits = _compute_dtype(logits)
-    disagree = chosen != rejected
-    region = disagree.flatten(1).sum(dim=1)
-    mask = disagree.to(logits.dtype)
+    row, logits_at_d, chosen_at_d, rejected_at_d, region = _gather_region(logits, chosen, rejected, image_index)
     if logits.shape[1] == 1:
-        sign = chosen.to(logits.dtype) * 2.0 - 1.0
-        signed = logits[:, 0] * sign  # s_i z_i: log p(chosen_i) = logσ(s z), log p(rejected_i) = logσ(−s z) on D
+        z = logits_at_d[:, 0]
+        signed = torch.where(chosen_at_d == 1, z, -z)  # log p(chosen_i) = logσ(s z), log p(rejected_i) = logσ(−s z)
         chosen_pix, rejected_pix = F.logsigmoid(signed), F.logsigmoid(-signed)
     else:
-        log_probs = torch.log_softmax(logits, dim=1)
-        chosen_pix = log_probs.gather(1, chosen.long().unsqueeze(1)).squeeze(1)
-        rejected_pix = log_probs.gather(1, rejected.long().unsqueeze(1)).squeeze(1)
-    return (chosen_pix * mask).flatten(1).sum(1), (rejected_pix * mask).flatten(1).sum(1), region
+        log_probs = torch.log_softmax(logits_at_d, dim=1)
+        chosen_pix = log_probs.gather(1, chosen_at_d[:, None])[:, 0]
+        rejected_pix = log_probs.gather(1, rejected_at_d[:, None])[:, 0]
+    rows = region.shape[0]
+    return _sum_by_row(chosen_pix, row, rows), _sum_by_row(rejected_pix, row, rows), region
 
 
 def _check_pairs(policy_logratio: torch.Tensor, ref_logratio: torch.Tensor, region: torch.Tensor) -> None:
