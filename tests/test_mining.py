@@ -242,8 +242,9 @@ def test_reference_logratio_matches_recomputation(tmp_path, num_classes, spatial
                                rtol=1e-4, atol=1e-3)
     assert (pairs.ref_chosen_logp <= 0).all() and (pairs.ref_rejected_logp <= 0).all()
     # a plain callable works too and gives the same numbers
-    again = attach_reference(pairs, bank, lambda x: model(x), images, batch_size=2)
+    again = attach_reference(pairs, bank, lambda x: model(x), images, batch_size=2, pair_chunk=3)
     np.testing.assert_allclose(again.ref_logratio, pairs.ref_logratio, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again.ref_chosen_logp, pairs.ref_chosen_logp, rtol=1e-5, atol=1e-5)
 
 
 def test_attach_reference_rejects_mismatched_images(tmp_path):
@@ -253,3 +254,8 @@ def test_attach_reference_rejects_mismatched_images(tmp_path):
     model = torch.nn.Conv2d(1, 1, 1)
     with pytest.raises(ValueError, match="images have shape"):
         attach_reference(pairs, bank, model, np.zeros((3, 1, 6, 7), np.float32))
+    with pytest.raises(ValueError, match="logits have shape"):
+        attach_reference(pairs, bank, torch.nn.Conv2d(1, 2, 1), np.zeros((4, 1, 6, 7), np.float32))
+    pairs.region[0] += 1  # pairs that do not belong to this bank
+    with pytest.raises(ValueError, match="another bank"):
+        attach_reference(pairs, bank, model, np.zeros((4, 1, 6, 7), np.float32))

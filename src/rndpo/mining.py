@@ -350,12 +350,12 @@ def attach_reference(
     images: np.ndarray | torch.Tensor,
     *,
     batch_size: int = 8,
-    pair_chunk: int = 32,
+    pair_chunk: int = 256,
 ) -> Pairs:
     """Fill the reference columns of ``pairs`` from the base model's logits (once per pair).
 
-    One forward pass per image (``batch_size`` images at a time); every pair of that image is scored
-    from those logits with :func:`rndpo.objectives.mask_logratio` (``ref_logratio``) and
+    One forward pass per image (``batch_size`` images at a time); every pair of those images is scored
+    from their logits (``image_index``, no copies of the logits) with :func:`rndpo.objectives.mask_logratio` (``ref_logratio``) and
     :func:`rndpo.objectives.mask_logps` (``ref_chosen_logp``, ``ref_rejected_logp``, log-probabilities
     restricted to D).
 
@@ -367,7 +367,7 @@ def attach_reference(
             tensor -> logits (B, C, *spatial)``.
         images: (N, C_in, *spatial) pool images in bank order (``SegDataset.images``).
         batch_size: images per forward pass.
-        pair_chunk: pairs of one image scored at a time (bounds memory).
+        pair_chunk: pairs scored at a time (bounds memory).
 
     Returns:
         A new :class:`Pairs` with the three reference columns filled (float32).
@@ -395,22 +395,23 @@ def attach_reference(
         if tuple(logits.shape) != (len(batch), channels, *bank.spatial_shape):
             raise RndpoError(f"reference logits have shape {tuple(logits.shape)}, expected "
                              f"{(len(batch), channels, *bank.spatial_shape)} for num_classes={bank.num_classes}")
-        for row, case in enumerate(batch):
-            masks = torch.from_numpy(bank.masks(int(case)))
-            rows_all = groups[int(case)]
-            for start in range(0, len(rows_all), int(pair_chunk)):
-                rows = rows_all[start : start + int(pair_chunk)]
-                chosen = masks[torch.from_numpy(pairs.chosen[rows]).long()]
-                rejected = masks[torch.from_numpy(pairs.rejected[rows]).long()]
-                image_logits = logits[row : row + 1].expand(len(rows), *logits.shape[1:])
-                logratio, region = mask_logratio(image_logits, chosen, rejected)
-                chosen_logp, rejected_logp, _ = mask_logps(image_logits, chosen, rejected)
-                if not np.array_equal(region.numpy(), pairs.region[rows]):
-                    raise RndpoError(f"pairs of image {bank.case_ids[int(case)]!r} disagree with the bank "
-                                     f"{bank.path} on |D|: were they mined from another bank?")
-                out["ref_logratio"][rows] = logratio.numpy()
-                out["ref_chosen_logp"][rows] = chosen_logp.numpy()
-                out["ref_rejected_logp"][rows] = rejected_logp.numpy()
+        rows = np.concatenate([groups[int(case)] for case in batch])
+        image_row = np.repeat(np.arange(len(batch)), [len(groups[int(case)]) for case in batch])
+        masks = {int(case): torch.from_numpy(bank.masks(int(case))) for case in batch}
+        for start in range(0, len(rows), int(pair_chunk)):
+            chunk, image_index = rows[start : start + int(pair_chunk)], image_row[start : start + int(pair_chunk)]
+            chosen = torch.stack([masks[int(pairs.case_index[r])][int(pairs.chosen[r])] for r in chunk])
+            rejected = torch.stack([masks[int(pairs.case_index[r])][int(pairs.rejected[r])] for r in chunk])
+            index = torch.from_numpy(image_index)
+            logratio, region = mask_logratio(logits, chosen, rejected, image_index=index)
+            chosen_logp, rejected_logp, _ = mask_logps(logits, chosen, rejected, image_index=index)
+            if not np.array_equal(region.numpy(), pairs.region[chunk]):
+                bad = int(pairs.case_index[chunk][np.flatnonzero(region.numpy() != pairs.region[chunk])[0]])
+                raise RndpoError(f"pairs of image {bank.case_ids[bad]!r} disagree with the bank {bank.path} "
+                                 "on |D|: were they mined from another bank?")
+            out["ref_logratio"][chunk] = logratio.numpy()
+            out["ref_chosen_logp"][chunk] = chosen_logp.numpy()
+            out["ref_rejected_logp"][chunk] = rejected_logp.numpy()
     meta = dict(pairs.meta)
     meta["reference"] = {"bank": str(bank.path), "model": type(model).__name__, "batch_size": int(batch_size)}
     return dataclasses.replace(pairs, **out, counts=dict(pairs.counts), meta=meta)
