@@ -37,6 +37,34 @@ def version() -> None:
     typer.echo(f"rndpo {__version__}")
 
 
+@app.command("data-info")
+def data_info(
+    data: str = typer.Option(..., "--data", help="Data folder (images/+masks/ or nnU-Net v2 raw) or 'synthetic'."),
+    size: int = typer.Option(128, "--size", help="Training size the data is read at."),
+    max_cases: int | None = typer.Option(None, "--max-cases", help="Read only the first N cases (sorted by id)."),
+) -> None:
+    """Read a data set and print cases, channels, dimensions, classes, original sizes and groups."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rndpo.config import DataConfig
+    from rndpo.data import load_dataset
+
+    info = load_dataset(DataConfig(path=data, size=size, max_cases=max_cases)).summary()
+    table = Table(title=f"{data} ({info['format']})", show_header=False)
+    table.add_row("cases", str(info["cases"]) + ("" if info["labeled"] else " (no masks)"))
+    table.add_row("channels", str(info["channels"]))
+    table.add_row("spatial dims", f"{info['spatial_dims']}D, training size {'x'.join(map(str, info['training_size']))}")
+    table.add_row("classes", f"{info['num_classes']} ({', '.join(info['label_names'] or [])})")
+    def dims_text(shape: tuple[int, ...]) -> str:  # 2D as width x height, volumes in array order
+        return "x".join(map(str, shape[::-1] if len(shape) == 2 else shape))
+
+    unit = " (width x height)" if info["spatial_dims"] == 2 else ""
+    table.add_row("original size", f"{dims_text(info['original_size_min'])} .. {dims_text(info['original_size_max'])}{unit}")
+    table.add_row("groups", f"{info['groups']}" + (f" (by {info['group_column']})" if info["group_column"] else " (one per case)"))
+    Console().print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (also used by tests)."""
     try:
