@@ -193,6 +193,20 @@ class JudgeConfig(StrictModel):
     """``agreement``: mean Dice with the other proposals, or Dice with their majority vote."""
     qc_epochs: PositiveInt = 30
     """``learned-qc``: training epochs of the quality regressor (early stopping on labeled val)."""
+    qc_patience: PositiveInt = 6
+    """``learned-qc``: epochs without improvement of the validation loss before training stops."""
+    qc_size: Annotated[int, Field(ge=16)] = 64
+    """``learned-qc``: side length the (image, mask) input is resampled to before the regressor."""
+    qc_corruptions: Annotated[int, Field(ge=0)] = 8
+    """``learned-qc``: synthetic corruptions (erode, dilate, shift, holes, false blobs) per labeled image."""
+    qc_model: str | None = None
+    """``learned-qc``: a trained regressor (``.safetensors``) to use instead of training one."""
+    entropy_passes: Annotated[int, Field(ge=2)] = 8
+    """``entropy``: stochastic (MC-dropout) passes of the base model behind the predictive entropy."""
+    entropy_region: Literal["foreground", "boundary"] = "foreground"
+    """``entropy``: where the entropy is averaged: the proposal's foreground, or a band around its contour."""
+    boundary_width: PositiveInt = 2
+    """``entropy`` with ``boundary``: half-width of the contour band in pixels."""
     seed: int = 0
 
     @model_validator(mode="before")
