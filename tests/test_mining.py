@@ -259,3 +259,72 @@ def test_attach_reference_rejects_mismatched_images(tmp_path):
     pairs.region[0] += 1  # pairs that do not belong to this bank
     with pytest.raises(ValueError, match="another bank"):
         attach_reference(pairs, bank, model, np.zeros((4, 1, 6, 7), np.float32))
+
+
+def _cli_fixture(tmp_path, num_cases=10, size=32):
+    """A tiny folder data set, splits.json, a small saved base model, a bank of the pool and scores."""
+    from PIL import Image
+
+    from rndpo.config import DataConfig, ModelConfig, SplitConfig
+    from rndpo.data import load_dataset, make_splits
+    from rndpo.models import build_model
+    from rndpo.training.checkpoint import model_meta, save_model
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(num_cases):
+        mask = ((yy - 16) ** 2 + (xx - rng.integers(8, 24)) ** 2 < rng.integers(20, 60)).astype(np.uint8)
+        image = (rng.integers(0, 60, (size, size)) + 150 * mask).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask * 255).save(tmp_path / "data" / "masks" / f"case{i:02d}.png")
+    dataset = load_dataset(DataConfig(path=str(tmp_path / "data"), size=size))
+    splits = make_splits(dataset, SplitConfig(labeled=2, val=0.1, test=0.2))
+    splits.save(tmp_path / "splits.json")
+    model_cfg = ModelConfig(channels=(4, 8))
+    torch.manual_seed(0)
+    model = build_model(model_cfg, spatial_dims=2, in_channels=1, num_classes=2)
+    save_model(tmp_path / "base.safetensors", model, model_meta(model_cfg, dataset))
+    pool = dataset.select(splits.pool)
+    k = 4
+    masks = rng.integers(0, 2, size=(len(pool), k, size, size), dtype=np.uint8)
+    with ProposalBank.create(tmp_path / "bank", case_ids=pool.case_ids, spatial_shape=(size, size), num_classes=2,
+                             k_max=k, generators=["random"]) as writer:
+        writer.add(np.arange(len(pool)), masks)
+    from rndpo.bank import save_scores
+
+    save_scores(tmp_path / "bank" / "scores", rng.random((len(pool), k)), {"judge": "random"})
+    return dataset, splits, model, pool
+
+
+def test_cli_mine(tmp_path, capsys):
+    from rndpo.cli import main
+
+    dataset, splits, model, pool = _cli_fixture(tmp_path)
+    args = ["mine", "--bank", str(tmp_path / "bank"), "--scores", str(tmp_path / "bank" / "scores.npy"),
+            "--model", str(tmp_path / "base.safetensors"), "--data", str(tmp_path / "data"),
+            "--splits", str(tmp_path / "splits.json"), "--strategy", "all-pairs", "--flip-prob", "0.25",
+            "--out", str(tmp_path / "mined")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "candidates" in printed and "kept" in printed
+    pairs = Pairs.load(tmp_path / "mined" / "pairs.npz")
+    assert len(pairs) == pairs.counts["kept"] > 0 and pairs.has_reference
+    assert pairs.meta["strategy"] == "all-pairs" and pairs.meta["flip_prob"] == 0.25
+    # the stored reference equals a recomputation with the saved model on the pool images
+    bank = ProposalBank.open(tmp_path / "bank")
+    with torch.no_grad():
+        model.eval()
+        logits = model(torch.from_numpy(pool.images[pairs.case_index]))
+    chosen = torch.stack([torch.from_numpy(bank.masks(c)[w]) for c, w in zip(pairs.case_index, pairs.chosen)])
+    rejected = torch.stack([torch.from_numpy(bank.masks(c)[l]) for c, l in zip(pairs.case_index, pairs.rejected)])
+    np.testing.assert_allclose(pairs.ref_logratio, mask_logratio(logits, chosen, rejected)[0].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    # a bank holding a non-pool case is refused with one line naming it
+    labeled = splits.labeled[0]
+    with ProposalBank.create(tmp_path / "bad", case_ids=[labeled], spatial_shape=(32, 32), num_classes=2,
+                             k_max=2, generators=["g"]) as writer:
+        writer.add(0, np.zeros((2, 32, 32), np.uint8))
+    assert main([*args[:1], "--bank", str(tmp_path / "bad"), *args[3:]]) == 1
+    assert labeled in capsys.readouterr().err
