@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["to_training_size", "zscore", "NORMALISATION"]
+__all__ = ["to_training_size", "zscore", "resize_nearest", "NORMALISATION"]
 
 NORMALISATION = "zscore per image and channel (after resizing, before padding; padding = 0)"
 
@@ -46,11 +46,13 @@ def _resample(image: np.ndarray, mask: np.ndarray | None, shape: tuple[int, ...]
         out = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
     else:
         out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
-    resized_mask = None
-    if mask is not None:
-        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-        resized_mask = F.interpolate(mask_tensor, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
-    return out[0].numpy(), resized_mask
+    return out[0].numpy(), None if mask is None else resize_nearest(mask, shape)
+
+
+def resize_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map (pixel centres, as torch ``nearest-exact``)."""
+    index = [np.minimum(((np.arange(t) + 0.5) * (s / t)).astype(np.int64), s - 1) for t, s in zip(shape, mask.shape)]
+    return np.ascontiguousarray(mask[np.ix_(*index)], dtype=np.uint8)
 
 
 def to_training_size(

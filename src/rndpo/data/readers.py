@@ -122,7 +122,8 @@ def read_image(path: str | os.PathLike, *, label: str | None = None) -> np.ndarr
 
 
 def read_mask(path: str | os.PathLike, *, label: str | None = None) -> np.ndarray:
-    """Read one label map as ``(*spatial)`` int64 (values unchecked; see :func:`_check_labels`).
+    """Read one label map as ``(*spatial)`` integer array (uint8/uint16/int64; values unchecked, see
+    :func:`_check_labels`).
 
     RGB masks are accepted only when their three channels are equal.
     """
@@ -158,15 +159,28 @@ def read_mask(path: str | os.PathLike, *, label: str | None = None) -> np.ndarra
         raise DataError(f"cannot read mask {label}: {type(error).__name__}: {error}") from None
     if array.ndim != 2:
         raise DataError(f"mask {label} has shape {array.shape}; expected a 2D label map")
-    return array.astype(np.int64)
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.int64)
+    return array if array.dtype in (np.uint8, np.uint16) else array.astype(np.int64)
 
 
-def _check_labels(mask: np.ndarray, allowed: set[int] | None, label: str, case_id: str, png: bool) -> np.ndarray:
-    """Map a 0/255 binary mask to 0/1 and check the labels; returns uint8."""
-    values = np.unique(mask)
+def _label_values(mask: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer mask (bincount when the range is small: much faster than unique)."""
+    if mask.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    low, high = int(mask.min()), int(mask.max())
+    if low >= 0 and high < 65536:
+        return np.flatnonzero(np.bincount(mask.ravel(), minlength=high + 1))
+    return np.unique(mask).astype(np.int64)
+
+
+def _check_labels(mask: np.ndarray, allowed: set[int] | None, label: str, case_id: str,
+                  png: bool) -> tuple[np.ndarray, list[int]]:
+    """Map a 0/255 binary mask to 0/1 and check the labels; returns (uint8 mask, label values)."""
+    values = _label_values(mask)
     if png and values.size and set(values.tolist()) <= {0, 255} and 255 in values and (allowed is None or 255 not in allowed):
-        mask = (mask == 255).astype(np.int64)
-        values = np.unique(mask)
+        mask = (mask == 255).astype(np.uint8)
+        values = _label_values(mask)
     if values.size and values.min() < 0:
         raise DataError(f"case {case_id}: mask {label} holds negative label {int(values.min())}")
     if allowed is not None:
@@ -179,7 +193,9 @@ def _check_labels(mask: np.ndarray, allowed: set[int] | None, label: str, case_i
             f"case {case_id}: mask {label} holds values {shown}{'...' if values.size > 8 else ''}; expected label indices "
             f"0..{MAX_FOLDER_LABEL} (or a binary 0/255 mask)"
         )
-    return mask.astype(np.uint8)
+    if values.size and values.max() > 255:
+        raise DataError(f"case {case_id}: mask {label} holds label {int(values.max())}; at most 255 labels are supported")
+    return mask.astype(np.uint8, copy=False), [int(v) for v in values]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,8 +421,7 @@ def _load_case(case: CaseFiles, size: int, mode: str, allowed: set[int] | None, 
         if raw.shape != spatial:
             raise DataError(f"case {case.case_id}: mask {case.rel(case.mask)} is {_shape_text(raw.shape)}, "
                             f"image is {_shape_text(spatial)}")
-        mask = _check_labels(raw, allowed, case.rel(case.mask), case.case_id, png=case.mask.suffix.lower() == ".png")
-        labels = np.unique(mask).tolist()
+        mask, labels = _check_labels(raw, allowed, case.rel(case.mask), case.case_id, png=case.mask.suffix.lower() == ".png")
     out_image, out_mask, info = to_training_size(image, mask, size, mode)
     return out_image, out_mask, info, tuple(int(s) for s in spatial), labels
 
