@@ -349,3 +349,46 @@ def test_audit_known_answers_and_pairs(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(RndpoError, match="same"):
         audit_judge(noisy[:, :2], true_dice)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def test_cli_propose_judge_audit(tmp_path, capsys):
+    from rndpo.bank import load_scores
+    from rndpo.cli import main
+    from rndpo.data import Splits
+    from rndpo.io import read_json
+    from rndpo.training.checkpoint import model_meta, save_model
+
+    data = make_synthetic(SyntheticConfig(n_images=24, size=SIZE, seed=4))
+    _write_folder(tmp_path / "data", data)
+    dataset = load_dataset(DataConfig(path=str(tmp_path / "data"), size=SIZE))
+    ids = dataset.case_ids
+    Splits(labeled=ids[:8], pool=ids[8:16], val=ids[16:21], test=ids[21:]).save(tmp_path / "splits.json")
+    model_cfg = ModelConfig(channels=(4, 8), dropout=0.2)
+    torch.manual_seed(0)
+    network = build_model(model_cfg, spatial_dims=2, in_channels=1, num_classes=2)
+    save_model(tmp_path / "base" / "best.safetensors", network, model_meta(model_cfg, dataset))
+    common = ["--data", str(tmp_path / "data"), "--splits", str(tmp_path / "splits.json")]
+
+    assert main(["propose", "--model", str(tmp_path / "base"), *common, "--out", str(tmp_path / "bank"), "--mc-dropout", "2"]) == 0
+    bank = ProposalBank.open(tmp_path / "bank")
+    assert len(bank) == 8 and bank.meta["split"] == "pool" and "proposals per second" in capsys.readouterr().out
+    for spec in ("agreement", "oracle+flip:0.1", "entropy"):
+        args = ["judge", "--bank", str(tmp_path / "bank"), "--judge", spec, "--out", str(tmp_path / f"{spec}.npy"),
+                "--entropy-passes", "2"]
+        assert main(args) == 0, capsys.readouterr().err
+        scores, meta = load_scores(tmp_path / f"{spec}.npy")
+        assert scores.shape == (8, bank.k_max) and meta["judge_config"]["name"] == spec.split("+")[0]
+        assert meta["judge"] == spec
+    assert "--flip-prob 0.1" in capsys.readouterr().out
+    assert main(["judge", "--bank", str(tmp_path / "bank"), "--judge", "oracle+gaussian:-1", "--out", str(tmp_path / "x")]) == 1
+    assert "gaussian σ must be >= 0" in capsys.readouterr().err
+
+    args = ["audit", "--model", str(tmp_path / "base"), *common, "--out", str(tmp_path / "audit"), "--judge", "oracle",
+            "--judge", "agreement", "--judge", "learned-qc", "--qc-epochs", "1", "--mc-dropout", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = read_json(tmp_path / "audit" / "audit.json")
+    assert set(summary["judges"]) == {"oracle", "agreement", "learned-qc"}
+    assert summary["judges"]["oracle"]["pairwise_accuracy"] == 1.0 and summary["judges"]["oracle"]["top1_regret"] == 0.0
+    assert (tmp_path / "audit" / "audit_regions.png").read_bytes()[:4] == b"\x89PNG"
+    assert "judge audit on val" in capsys.readouterr().out

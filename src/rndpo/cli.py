@@ -129,6 +129,258 @@ def mine_command(
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------------------------
+# proposals / judges / audit (owner: proposals & judges engineer)
+# ---------------------------------------------------------------------------------------------
+_JUDGES_DEFAULT = ("oracle", "oracle+gaussian:0.1", "oracle+gaussian:0.2", "agreement", "entropy", "learned-qc")
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _proposal_cfg(mc_dropout: int, tta: str, thresholds: str, morphology: str, checkpoints: bool,
+                  include_base: bool, batch_size: int, seed: int):
+    from rndpo.config import ProposalConfig
+
+    return ProposalConfig(mc_dropout=mc_dropout, tta=_split_list(tta), thresholds=tuple(float(t) for t in _split_list(thresholds)),
+                          morphology=_split_list(morphology), checkpoints=checkpoints, include_base=include_base,
+                          batch_size=batch_size, seed=seed)
+
+
+def _load_base(model: str, size: int | None):
+    """``(model, meta, checkpoint path, size)`` of a base checkpoint (file or run folder)."""
+    from rndpo.training.checkpoint import load_model, resolve_checkpoint
+
+    path = resolve_checkpoint(model)
+    network, meta = load_model(path)
+    size = size if size is not None else meta.get("size")
+    if not isinstance(size, int):
+        raise RndpoError(f"model {path} records size {size!r}; pass --size")
+    return network, meta, path, size
+
+
+def _load_split(data: str, size: int, splits: str, split: str, model_meta: dict, *, masks: bool):
+    """The cases of ``split`` (labeled/pool/val/test) of ``splits.json``, read at the model's size."""
+    from rndpo.config import DataConfig
+    from rndpo.data import Splits, load_dataset
+    from rndpo.data.splits import SPLIT_NAMES
+
+    if split not in SPLIT_NAMES:
+        raise RndpoError(f"--split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+    dataset = load_dataset(DataConfig(path=data, size=size))
+    subset = dataset.select(getattr(Splits.load(splits), split))
+    if len(subset) == 0:
+        raise RndpoError(f"split {split!r} of {splits} is empty")
+    if subset.num_classes != int(model_meta["num_classes"]) or subset.in_channels != int(model_meta["in_channels"]):
+        raise RndpoError(f"data {data} ({subset.in_channels} channel(s), {subset.num_classes} classes) does not match the model "
+                         f"({model_meta['in_channels']} channel(s), {model_meta['num_classes']} classes)")
+    if not masks:
+        subset.masks = None  # stages other than the oracle and the audit never see ground truth
+    return subset
+
+
+def _judge_names(cfg) -> set[str]:
+    """Names of a judge and of its ensemble members."""
+    return {cfg.name, *(m.name for m in cfg.members)}
+
+
+def _snapshots(checkpoint, wanted: bool) -> list:
+    from rndpo.training.checkpoint import load_model
+
+    if not wanted:
+        return []
+    files = sorted(checkpoint.parent.glob("snap_*.safetensors"))
+    if not files:
+        raise RndpoError(f"--checkpoints: no snap_*.safetensors next to {checkpoint} (train the base with snapshots > 0)")
+    return [load_model(f)[0] for f in files]
+
+
+def _stats_table(title: str, stats: dict):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("proposals")
+    table.add_column("value", justify="right")
+    for key in ("images", "proposals", "duplicates", "seconds", "proposals_per_second"):
+        value = stats[key]
+        table.add_row(key.replace("_", " "), f"{value:.1f}" if isinstance(value, float) else str(value))
+    for generator, count in sorted(stats["duplicates_by_generator"].items()):
+        table.add_row(f"  duplicates from {generator}", str(count))
+    return table
+
+
+@app.command("propose")
+def propose_command(
+    model: str = typer.Option(..., "--model", help="Base model checkpoint (.safetensors) or its run folder."),
+    data: str = typer.Option(..., "--data", help="Data folder (or 'synthetic') the split's images come from."),
+    splits: str = typer.Option(..., "--splits", help="splits.json of the run."),
+    split: str = typer.Option("pool", "--split", help="Split to propose for (pool; val for audits)."),
+    out: str = typer.Option(..., "--out", help="Output folder: the proposal bank."),
+    mc_dropout: int = typer.Option(3, "--mc-dropout", help="MC-dropout passes (0: off)."),
+    tta: str = typer.Option("hflip,vflip", "--tta", help="Comma list of hflip,vflip,rot90,rot180,rot270 ('' : off)."),
+    thresholds: str = typer.Option("0.3,0.7", "--thresholds", help="Comma list of probability cut-offs ('' : off)."),
+    morphology: str = typer.Option("erode:2,dilate:2", "--morphology", help="Comma list of erode|dilate|open|close:radius."),
+    checkpoints: bool = typer.Option(False, "--checkpoints/--no-checkpoints", help="Add the snap_* snapshots next to the model."),
+    include_base: bool = typer.Option(True, "--base/--no-base", help="Include the base prediction itself."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout passes."),
+    size: int | None = typer.Option(None, "--size", help="Training size (default: the model's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
+) -> None:
+    """Generate K proposals per image of a split with the base model; write a proposal bank (no ground truth read)."""
+    from rich.console import Console
+
+    from rndpo.proposals import generate_proposals
+
+    cfg = _proposal_cfg(mc_dropout, tta, thresholds, morphology, checkpoints, include_base, batch_size, seed)
+    network, meta, checkpoint, size = _load_base(model, size)
+    subset = _load_split(data, size, splits, split, meta, masks=False)
+    bank = generate_proposals(network, subset.images, cfg, snapshots=_snapshots(checkpoint, checkpoints), bank_path=out,
+                              case_ids=subset.case_ids, overwrite=overwrite,
+                              meta={"model": str(checkpoint), "data": data, "splits": str(splits), "split": split, "size": size})
+    Console().print(_stats_table(f"{len(bank)} images, K = {bank.k_max} → {out}", bank.meta["proposal_stats"]))
+
+
+@app.command("judge")
+def judge_command(
+    bank: str = typer.Option(..., "--bank", help="Proposal bank folder (from rndpo propose)."),
+    judge: str = typer.Option(..., "--judge", help="Judge: oracle[+gaussian:σ|+flip:p|+size-bias:b], agreement, entropy, "
+                                                   "learned-qc, 'ensemble(agreement,entropy)'."),
+    out: str = typer.Option(..., "--out", help="Scores file (.npy + .json sidecar)."),
+    model: str | None = typer.Option(None, "--model", help="Base model (entropy, learned-qc); default: the bank's."),
+    data: str | None = typer.Option(None, "--data", help="Data folder; default: the bank's."),
+    splits: str | None = typer.Option(None, "--splits", help="splits.json; default: the bank's."),
+    agreement_mode: str = typer.Option("mean-dice", "--agreement-mode", help="agreement: mean-dice | majority."),
+    entropy_passes: int = typer.Option(8, "--entropy-passes", help="entropy: MC-dropout passes."),
+    entropy_region: str = typer.Option("foreground", "--entropy-region", help="entropy: foreground | boundary."),
+    qc_model: str | None = typer.Option(None, "--qc-model", help="learned-qc: a trained regressor instead of training one."),
+    qc_epochs: int = typer.Option(30, "--qc-epochs", help="learned-qc: training epochs (early stopping on val)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the judge (gaussian noise, learned-qc)."),
+) -> None:
+    """Score every proposal of a bank with a judge; the oracle alone reads the ground truth."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from rndpo.bank import ProposalBank, save_scores
+    from rndpo.config import JudgeConfig
+    from rndpo.judges import run_judge
+
+    proposal_bank = ProposalBank.open(bank)
+    provenance = proposal_bank.meta
+    update = {"agreement_mode": agreement_mode, "entropy_passes": entropy_passes, "entropy_region": entropy_region,
+              "qc_model": qc_model, "qc_epochs": qc_epochs, "seed": seed}
+    cfg = JudgeConfig.model_validate(judge).model_copy(update=update)
+    if cfg.name == "ensemble":
+        cfg = cfg.model_copy(update={"members": tuple(m.model_copy(update=update) for m in cfg.members)})
+    names = _judge_names(cfg)
+    inputs: dict = {}
+    if names & {"oracle", "entropy", "learned-qc"}:
+        model, data, splits = model or provenance.get("model"), data or provenance.get("data"), splits or provenance.get("splits")
+        missing = [flag for flag, value in (("--model", model), ("--data", data), ("--splits", splits)) if not value]
+        if missing:
+            raise RndpoError(f"judge {cfg.label} needs {', '.join(missing)} (the bank {bank} does not record them)")
+        network, meta, _, size = _load_base(model, provenance.get("size"))
+        split = provenance.get("split", "pool")
+        subset = _load_split(data, size, splits, split, meta, masks="oracle" in names).select(proposal_bank.case_ids)
+        inputs.update(images=subset.images, model=network, truth=subset.masks)
+        if "learned-qc" in names and not qc_model:
+            inputs["labeled_data"] = (_load_split(data, size, splits, "labeled", meta, masks=True),
+                                      _load_split(data, size, splits, "val", meta, masks=True))
+    qc_out = Path(out).with_suffix("").with_name(Path(out).with_suffix("").name + ".qc.safetensors")
+    report = run_judge(cfg, proposal_bank, **inputs, qc_out=qc_out if "learned-qc" in names else None, progress=True)
+    path = save_scores(out, report.scores, meta={**report.summary(), "judge_config": cfg.model_dump(mode="json"), "bank": str(bank)})
+    console = Console()
+    console.print(f"judge {report.label}: scores {report.scores.shape} → {path} ({report.seconds:.1f} s)")
+    if report.flip_prob:
+        console.print(f"flip:p noise is applied at mining: rndpo mine ... --flip-prob {report.flip_prob}")
+    for problem in report.warnings.values():
+        console.print(f"[yellow]warning:[/yellow] {problem['message']}")
+
+
+@app.command("audit")
+def audit_command(
+    model: str = typer.Option(..., "--model", help="Base model checkpoint (.safetensors) or its run folder."),
+    data: str = typer.Option(..., "--data", help="Data folder (or 'synthetic')."),
+    splits: str = typer.Option(..., "--splits", help="splits.json of the run (labeled + val are used)."),
+    out: str = typer.Option(..., "--out", help="Output folder: val bank, audit.json, audit_regions.png."),
+    judges: list[str] = typer.Option(list(_JUDGES_DEFAULT), "--judge", help="Judge to audit (repeat the option)."),
+    split: str = typer.Option("val", "--split", help="Labeled split the audit runs on."),
+    strategy: str = typer.Option("top-vs-rest", "--strategy", help="Mining strategy of the audited pairs."),
+    mc_dropout: int = typer.Option(3, "--mc-dropout", help="MC-dropout passes (0: off)."),
+    tta: str = typer.Option("hflip,vflip", "--tta", help="Comma list of test-time augmentations."),
+    thresholds: str = typer.Option("0.3,0.7", "--thresholds", help="Comma list of probability cut-offs."),
+    morphology: str = typer.Option("erode:2,dilate:2", "--morphology", help="Comma list of erode|dilate|open|close:radius."),
+    checkpoints: bool = typer.Option(False, "--checkpoints/--no-checkpoints", help="Add the snap_* snapshots next to the model."),
+    entropy_passes: int = typer.Option(8, "--entropy-passes", help="entropy: MC-dropout passes."),
+    qc_epochs: int = typer.Option(30, "--qc-epochs", help="learned-qc: training epochs."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of proposals, noise, mining."),
+    size: int | None = typer.Option(None, "--size", help="Training size (default: the model's)."),
+) -> None:
+    """Audit judges on a labeled split: proposals → each judge → Spearman, pairwise accuracy, top-1 regret,
+    mined-pair correctness and |D| of right vs wrong pairs (table, audit.json, audit_regions.png)."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from rndpo.config import JudgeConfig, MiningConfig
+    from rndpo.io import write_json
+    from rndpo.judges import audit_judge, pair_outcomes, plot_region_histogram, proposal_dice, run_judge
+    from rndpo.mining import mine_pairs
+    from rndpo.proposals import generate_proposals
+
+    folder = Path(out)
+    cfg = _proposal_cfg(mc_dropout, tta, thresholds, morphology, checkpoints, True, batch_size, seed)
+    mining = MiningConfig(strategy=strategy, seed=seed)
+    configs = [JudgeConfig.model_validate(j).model_copy(update={"seed": seed, "entropy_passes": entropy_passes, "qc_epochs": qc_epochs})
+               for j in judges]
+    network, meta, checkpoint, size = _load_base(model, size)
+    evaluated = _load_split(data, size, splits, split, meta, masks=True)
+    if evaluated.masks is None:
+        raise RndpoError(f"the {split} split of {data} has no masks: the audit needs a labeled split")
+    bank = generate_proposals(network, evaluated.images, cfg, snapshots=_snapshots(checkpoint, checkpoints),
+                              bank_path=folder / f"{split}_bank", case_ids=evaluated.case_ids, overwrite=True,
+                              meta={"model": str(checkpoint), "data": data, "splits": str(splits), "split": split, "size": size})
+    true_dice = proposal_dice(bank, evaluated.masks)
+    labeled = _load_split(data, size, splits, "labeled", meta, masks=True) if any("learned-qc" in _judge_names(c) for c in configs) else None
+    results, outcomes = {}, {}
+    for judge_cfg in configs:
+        truth = evaluated.masks if "oracle" in _judge_names(judge_cfg) else None
+        report = run_judge(judge_cfg, bank, images=evaluated.images, model=network, truth=truth,
+                           labeled_data=(labeled, evaluated) if labeled is not None else None, progress=True)
+        pairs = mine_pairs(report.scores, bank, mining, flip_prob=report.flip_prob)
+        audit = audit_judge(report.scores, true_dice, pairs)
+        audit["judge_seconds"] = report.seconds
+        audit["judge"] = report.summary()
+        results[report.label] = audit
+        outcomes[report.label] = pair_outcomes(pairs, true_dice)
+    summary = {"model": str(checkpoint), "data": data, "splits": str(splits), "split": split, "size": size,
+               "proposal_config": cfg.model_dump(mode="json"), "proposal_stats": bank.meta["proposal_stats"],
+               "mining": mining.model_dump(mode="json"), "judges": results,
+               "note": "learned-qc is trained on the labeled split and early-stopped on this split"}
+    write_json(folder / "audit.json", summary)
+    plot_region_histogram(outcomes, folder / "audit_regions.png")
+
+    table = Table(title=f"judge audit on {split} ({len(bank)} images, {int(bank.num_proposals.sum())} proposals)")
+    for column in ("judge", "Spearman pooled", "Spearman within", "pairwise acc", "top-1 regret", "pairs correct",
+                   "|D| right", "|D| wrong", "s"):
+        table.add_column(column, justify="left" if column == "judge" else "right")
+    for label, audit in results.items():
+        pairs = audit["pairs"]
+        table.add_row(label, f"{audit['spearman_pooled']:.3f}", f"{audit['spearman_within']:.3f}",
+                      f"{audit['pairwise_accuracy']:.3f}", f"{audit['top1_regret']:.4f}",
+                      f"{pairs['fraction_correct']:.3f} of {pairs['count']}",
+                      f"{pairs['region_right'].get('median', float('nan')):.0f}",
+                      f"{pairs['region_wrong'].get('median', float('nan')):.0f}", f"{audit['judge_seconds']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"mean true Dice {next(iter(results.values()))['mean_dice']:.3f}, best per image "
+                  f"{next(iter(results.values()))['best_dice']:.3f}; |D| columns are medians. → {folder / 'audit.json'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (also used by tests)."""
     try:
