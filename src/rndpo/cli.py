@@ -381,6 +381,19 @@ def audit_command(
                   f"{next(iter(results.values()))['best_dice']:.3f}; |D| columns are medians. → {folder / 'audit.json'}")
 
 
+@app.command("report")
+def report_command(
+    run_dir: str = typer.Argument(..., help="Run folder (holds results.csv, cells/, stages/, config.yaml)."),
+) -> None:
+    """Write RUN/report/index.html (tables, curves, β grids, judge audit, |D| histograms, gallery),
+    RUN/results.md, results_agg.csv and comparisons.csv; print the page's path and the main table."""
+    from rndpo.report import format_results_table, read_results, write_report
+
+    index = write_report(run_dir)
+    typer.echo(format_results_table(read_results(run_dir)))
+    typer.echo(f"report: {index}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (also used by tests)."""
     try:
