@@ -56,6 +56,9 @@ from torch import nn
 from rndpo.config import JudgeConfig, ProposalConfig
 from rndpo.errors import CheckpointError, DataError, RndpoError
 from rndpo.io import atomic_path, read_json, to_jsonable
+from rndpo.models import has_dropout, logits_to_probs
+from rndpo.proposals import ball, forward_logits, morph_labels, propose
+from rndpo.training.loop import derive_seed
 
 __all__ = [
     "JudgeError",
@@ -292,9 +295,6 @@ def predictive_entropy(
     Returns:
         ``(N, *spatial)`` float32 in [0, 1].
     """
-    from rndpo.models import has_dropout, logits_to_probs
-    from rndpo.proposals import forward_logits
-
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     if not has_dropout(model):
@@ -305,7 +305,7 @@ def predictive_entropy(
         x = x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         mean = None
         for t in range(passes):
-            z = forward_logits(model, x, what="entropy judge", dropout=passes > 1, seed=seed * 100_003 + start * 1_009 + t)
+            z = forward_logits(model, x, what="entropy judge", dropout=passes > 1, seed=derive_seed(seed, start, t))
             probs = logits_to_probs(z)
             mean = probs if mean is None else mean + probs
         mean = mean / passes
@@ -316,15 +316,9 @@ def predictive_entropy(
     return np.concatenate(out, axis=0)
 
 
-def _ball(radius: int, spatial_dims: int) -> np.ndarray:
-    from rndpo.proposals import ball
-
-    return ball(radius, spatial_dims)
-
-
 def _boundary_band(masks: np.ndarray, width: int) -> np.ndarray:
     """Pixels within ``width`` of a label change, for each mask of ``masks (K, *spatial)``."""
-    footprint = _ball(width, masks.ndim - 1)[None]
+    footprint = ball(width, masks.ndim - 1)[None]
     return ndimage.grey_dilation(masks, footprint=footprint) != ndimage.grey_erosion(masks, footprint=footprint)
 
 
@@ -466,8 +460,6 @@ def corrupt_mask(mask: np.ndarray, rng: np.random.Generator, num_classes: int = 
     Returns:
         ``(corrupted (*spatial) uint8, description such as "dilate:3+holes:2")``.
     """
-    from rndpo.proposals import morph_labels
-
     mask = np.asarray(mask).astype(np.uint8)
     side = min(mask.shape)
     dims = mask.ndim
@@ -557,8 +549,8 @@ def _qc_set(data: Any, *, cfg: JudgeConfig, num_classes: int, model: nn.Module |
         raise RndpoError(f"learned-qc: the {name} split is empty")
     proposals = None
     if model is not None:
-        from rndpo.proposals import propose
-
+        if not has_dropout(model):
+            proposal_cfg = proposal_cfg.model_copy(update={"mc_dropout": 0})
         proposals = propose(model, images, proposal_cfg)
     index, candidates, targets = qc_samples(images, np.asarray(masks), num_classes=num_classes, rng=rng,
                                             corruptions=cfg.qc_corruptions, proposals=proposals)
@@ -875,12 +867,11 @@ def run_judge(
         images = _check_images(images, bank, label)
         if model is None:
             raise RndpoError(f"judge {label} needs the base model (model=...)")
-        from rndpo.models import has_dropout
-
         if not has_dropout(model):
             info["note"] = "the model has no dropout: entropy of its deterministic prediction"
         entropy = np.concatenate([
-            predictive_entropy(model, images[s : s + 256], passes=cfg.entropy_passes, batch_size=batch_size, seed=cfg.seed + s)
+            predictive_entropy(model, images[s : s + 256], passes=cfg.entropy_passes, batch_size=batch_size,
+                               seed=derive_seed(cfg.seed, s))
             for s in range(0, len(images), 256)
         ])
         scores = entropy_scores(bank, entropy, region=cfg.entropy_region, width=cfg.boundary_width)
@@ -903,7 +894,7 @@ def run_judge(
         scores = qc_scores(qc, bank, images, qc_size=qc_size)
     elif cfg.name == "ensemble":
         members = [run_judge(member, bank, images=images, model=model, truth=truth, labeled_data=labeled_data,
-                             rng=rng, batch_size=batch_size, progress=progress) for member in cfg.members]
+                             rng=rng, qc_out=qc_out, batch_size=batch_size, progress=progress) for member in cfg.members]
         scores = ensemble_scores([m.scores for m in members])
         info["members"] = [m.summary() for m in members]
     else:  # pragma: no cover - JudgeConfig restricts the names

@@ -44,6 +44,7 @@ from scipy import ndimage
 from rndpo.config import ProposalConfig
 from rndpo.errors import DataError, RndpoError
 from rndpo.models import has_dropout, logits_to_labels, logits_to_probs, predict_logits
+from rndpo.training.loop import derive_seed
 
 __all__ = [
     "Proposals",
@@ -308,10 +309,6 @@ def _num_classes(channels: int) -> int:
     return 2 if channels == 1 else channels
 
 
-def _pass_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def iter_proposals(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -362,7 +359,7 @@ def iter_proposals(
             base = _labels(logits)
             candidates: list[np.ndarray] = [base] if cfg.include_base else []
             for t in range(cfg.mc_dropout):
-                z = forward_logits(model, x, what="mc-dropout", dropout=True, seed=_pass_seed(cfg.seed, start, t))
+                z = forward_logits(model, x, what="mc-dropout", dropout=True, seed=derive_seed(cfg.seed, start, t))
                 candidates.append(_labels(z))
             for name in cfg.tta:
                 z = forward_logits(model, tta_forward(x, name), what=f"tta:{name}")
