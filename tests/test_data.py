@@ -153,6 +153,46 @@ def test_folder_rgb_and_255_masks(tmp_path):
     assert data.groups == data.case_ids  # no metadata: every case is its own group
 
 
+def test_folder_gray_stored_as_rgb_and_mixed_channels(tmp_path):
+    written = _write_folder(tmp_path / "gray", n=2, metadata=False)
+    gray = written["case_00"][0]
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(tmp_path / "gray" / "images" / "case_00.png")
+    data = load_dataset(DataConfig(path=str(tmp_path / "gray"), size=32))
+    assert data.in_channels == 1  # an RGB file with equal channels is grayscale
+    np.testing.assert_allclose(data.images[0, 0], zscore(gray[None].astype(np.float32))[0], atol=1e-5)
+    colour = _write_folder(tmp_path / "mixed", n=3, rgb=True, metadata=False)
+    Image.fromarray(gray).save(tmp_path / "mixed" / "images" / "case_01.png")
+    data = load_dataset(DataConfig(path=str(tmp_path / "mixed"), size=32))
+    assert data.in_channels == 3 and np.array_equal(data.images[1, 0], data.images[1, 2])
+    np.testing.assert_allclose(data.images[2], zscore(colour["case_02"][0].transpose(2, 0, 1).astype(np.float32)), atol=1e-5)
+
+
+def test_sixteen_bit_png_and_2d_nifti(tmp_path):
+    _write_folder(tmp_path, n=1, metadata=False)
+    deep = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
+    Image.fromarray(deep).save(tmp_path / "images" / "case_00.png")
+    data = load_dataset(DataConfig(path=str(tmp_path), size=32))
+    np.testing.assert_allclose(data.images[0, 0], zscore(deep[None].astype(np.float32))[0], atol=1e-5)
+
+    root = tmp_path / "nifti2d"
+    written = _write_nnunet_3d(root, n=2, shape=(16, 16, 1))
+    data = load_dataset(DataConfig(path=str(root), size=16))
+    assert data.spatial_dims == 2 and data.images.shape == (2, 1, 16, 16)
+    assert np.array_equal(data.masks[0], written["vol_000"][1][..., 0])
+
+
+def test_nnunet_rgb_png_single_file(tmp_path):
+    written = _write_nnunet_2d(tmp_path, n=2, channels=1)
+    spec = json.loads((tmp_path / "dataset.json").read_text())
+    spec["channel_names"] = {"0": "R", "1": "G", "2": "B"}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    rgb = np.random.default_rng(0).integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+    for case in written:
+        Image.fromarray(rgb).save(tmp_path / "imagesTr" / f"{case}_0000.png")
+    data = load_dataset(DataConfig(path=str(tmp_path), size=24))
+    assert data.in_channels == 3 and data.meta["channel_names"] == ["R", "G", "B"]
+
+
 def test_folder_without_masks_is_unlabeled(tmp_path):
     _write_folder(tmp_path, n=2, metadata=False)
     for path in (tmp_path / "masks").iterdir():
@@ -311,6 +351,22 @@ def test_bad_folder_inputs(tmp_path):
     with pytest.raises(DataError, match="empty data set"):
         _load(root)
 
+    root = tmp_path / "jpeg_mask"
+    _write_folder(root, n=2, metadata=False)
+    Image.open(root / "masks" / "case_01.png").convert("L").save(root / "masks" / "case_01.jpg")
+    (root / "masks" / "case_01.png").unlink()
+    with pytest.raises(DataError, match="case_01.jpg is a JPEG"):
+        _load(root)
+
+    root = tmp_path / "metadata"
+    _write_folder(root, n=2, metadata=False)
+    (root / "metadata.csv").write_text("case_id,patient\ncase_00,1\ncase_00,2\n")
+    with pytest.raises(DataError, match="two rows for case case_00"):
+        _load(root)
+    (root / "metadata.csv").write_text("id,patient\ncase_00,1\n")
+    with pytest.raises(DataError, match="no case_id column"):
+        _load(root)
+
     with pytest.raises(DataError, match="does not exist"):
         _load(tmp_path / "missing")
     with pytest.raises(DataError, match="cannot tell the format"):
@@ -338,6 +394,20 @@ def test_bad_nnunet_inputs(tmp_path):
         (root / "dataset.json").write_text(json.dumps(spec))
         with pytest.raises(DataError, match=message):
             _load(root)
+
+    root = tmp_path / "rgb_missing"
+    _write_nnunet_2d(root, n=1, channels=1)
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["channel_names"] = {"0": "T1", "1": "T2", "2": "FLAIR"}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match="img_000 is missing channel file imagesTr/img_000_0001.png"):
+        _load(root)
+
+    root = tmp_path / "corrupt_nifti"
+    _write_nnunet_3d(root, n=2)
+    (root / "imagesTr" / "vol_001_0000.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match="vol_001_0000.nii.gz"):
+        _load(root)
 
     root = tmp_path / "3d_size"
     _write_nnunet_3d(root, n=2)

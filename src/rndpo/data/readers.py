@@ -11,7 +11,9 @@ Formats (``DataConfig.format = "auto"`` detects them in this order):
   those paths must stay inside the data set folder.
 - ``folder``: ``images/<case>.<ext>`` + ``masks/<case>.<ext>`` (png, jpg, bmp, tif) and an optional
   ``metadata.csv`` with a ``case_id`` column (the layout of ../shared/data). Grayscale images give
-  one channel, RGB three (alpha dropped). A data set without ``masks/`` is unlabeled (``masks=None``).
+  one channel, RGB three (alpha dropped); an RGB file whose three channels are equal is grayscale
+  (one channel), and a data set mixing grayscale and colour images gets three channels throughout.
+  Masks must be lossless (png, bmp, tif). A data set without ``masks/`` is unlabeled (``masks=None``).
 
 Labels: binary masks stored as 0/255 (unique values a subset of {0, 255}) are read as 0/1 unless 255
 is a declared label. ``num_classes`` is ``max(declared labels) + 1`` for nnU-Net and
@@ -241,6 +243,9 @@ def list_folder_cases(root: str | os.PathLike) -> list[CaseFiles]:
     images = _stem_map(image_dir, IMAGE_SUFFIXES, "image")
     masks = _stem_map(mask_dir, MASK_SUFFIXES, "mask") if mask_dir.is_dir() else None
     if masks is not None:
+        lossy = [p.name for p in _visible_files(mask_dir) if p.suffix.lower() in (".jpg", ".jpeg")]
+        if lossy:
+            raise DataError(f"mask masks/{lossy[0]} is a JPEG (lossy compression alters labels); save masks as PNG")
         _pairing_error(images, masks, "images", "masks")
     if not images:
         raise DataError(f"empty data set: no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
@@ -383,7 +388,10 @@ def read_metadata(path: Path, case_ids: list[str]) -> dict[str, list[str]]:
                 raise DataError(f"{path} has no case_id column (columns: {', '.join(columns) or 'none'})")
             rows = {}
             for row in reader:
-                rows[str(row["case_id"]).strip()] = row
+                case = str(row["case_id"] or "").strip()
+                if case in rows:
+                    raise DataError(f"{path} has two rows for case {case}")
+                rows[case] = row
     except UnicodeDecodeError as error:
         raise DataError(f"cannot read {path}: {error}") from None
     return {col: [str((rows.get(case) or {}).get(col) or "").strip() for case in case_ids] for col in columns}
@@ -410,8 +418,15 @@ def _load_case(case: CaseFiles, size: int, mode: str, allowed: set[int] | None, 
                             f"{case.rel(case.images[0])} is {_shape_text(spatial)}")
     image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
     if n_channels is not None and image.shape[0] != n_channels:
+        first = case.rel(case.images[0])
+        if image.shape[0] < n_channels and len(case.images) == 1 and "_0000" in first:
+            missing = first.replace("_0000", "_0001")
+            raise DataError(f"case {case.case_id} is missing channel file {missing} (dataset.json declares "
+                            f"{n_channels} channel(s); {first} holds {image.shape[0]})")
         raise DataError(f"case {case.case_id}: {len(case.images)} image file(s) give {image.shape[0]} channel(s), "
                         f"dataset.json declares {n_channels}")
+    if n_channels is None and image.shape[0] == 3 and np.array_equal(image[0], image[1]) and np.array_equal(image[0], image[2]):
+        image = image[:1]  # grayscale stored as RGB: one channel (repeated again if the data set is colour)
     if not np.all(np.isfinite(image)):
         raise DataError(f"case {case.case_id}: image {case.rel(case.images[0])} holds NaN or infinite values")
     mask = None
@@ -445,7 +460,14 @@ def _load_cases(cases: list[CaseFiles], cfg: DataConfig, allowed: set[int] | Non
             if image.ndim - 1 != dims:
                 raise DataError(f"case {case.case_id} is {image.ndim - 1}D, case {first_case.case_id} is {dims}D")
             if image.shape[0] != images.shape[1]:
-                raise DataError(f"case {case.case_id} has {image.shape[0]} channel(s), case {first_case.case_id} has {images.shape[1]}")
+                if n_channels is None and {image.shape[0], images.shape[1]} == {1, 3}:
+                    # folder data mixing grayscale and colour images: grayscale ones are repeated to RGB
+                    if image.shape[0] == 1:
+                        image = np.repeat(image, 3, axis=0)
+                    else:
+                        images = np.repeat(images, 3, axis=1)
+                else:
+                    raise DataError(f"case {case.case_id} has {image.shape[0]} channel(s), case {first_case.case_id} has {images.shape[1]}")
             images[i] = image
             if masks is not None:
                 masks[i] = mask

@@ -65,19 +65,19 @@ def _draw_parameters(n: int, dims: int, rng: np.random.Generator) -> dict[str, n
     p["polarity"] = np.where(patient_dark[patient], -1.0, 1.0)
     low_contrast = rng.random(n) < 0.2
     p["low_contrast"] = low_contrast
-    p["contrast"] = np.where(low_contrast, rng.uniform(0.18, 0.3, n), rng.uniform(0.35, 0.8, n))
+    p["contrast"] = np.where(low_contrast, rng.uniform(0.22, 0.35, n), rng.uniform(0.4, 0.9, n))
     p["edge_width"] = rng.uniform(0.3, 1.8, n)  # pixels
     p["interior_texture"] = rng.uniform(0.02, 0.12, n)
     p["shading"] = rng.uniform(0.05, 0.25, n)
     p["texture"] = rng.uniform(0.03, 0.1, n)
-    p["speckle"] = rng.uniform(0.08, 0.28, n)
-    p["noise"] = rng.uniform(0.02, 0.08, n)
+    p["speckle"] = rng.uniform(0.06, 0.22, n)
+    p["noise"] = rng.uniform(0.02, 0.06, n)
     p["blur"] = np.where(rng.random(n) < 0.3, rng.uniform(0.6, 1.5, n), 0.0)
     # distractors: faint blobs of the same polarity that are not lesions
     p["n_distractors"] = rng.choice(3, size=n, p=[0.45, 0.35, 0.2])
     p["distractor_center"] = rng.uniform(0.1, 0.9, size=(n, 2, dims))
     p["distractor_radius"] = rng.uniform(0.04, 0.12, size=(n, 2))
-    p["distractor_contrast"] = rng.uniform(0.25, 0.6, size=(n, 2))
+    p["distractor_contrast"] = rng.uniform(0.2, 0.5, size=(n, 2))
     p["patient"] = patient
     return p
 
