@@ -8,6 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from rndpo.cli import main as cli_main
@@ -274,6 +276,23 @@ def test_splits_disjoint_cover_grouped_deterministic():
     assert make_splits(data, cfg.model_copy(update={"seed": 6})).test != splits.test
 
 
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=8, max_size=40), seed=st.integers(0, 10**6),
+       labeled=st.one_of(st.floats(0.05, 0.9), st.integers(1, 3)))
+def test_splits_property(sizes, seed, labeled):
+    groups = [f"g{i}" for i, size in enumerate(sizes) for _ in range(size)]
+    n = len(groups)
+    data = SegDataset(images=np.zeros((n, 1, 2, 2), np.float32), masks=None, case_ids=[f"c{i}" for i in range(n)],
+                      groups=groups, num_classes=2, spatial_dims=2)
+    splits = make_splits(data, SplitConfig(labeled=labeled, val=0.1, test=0.2, seed=seed))
+    assert sorted(splits.all_ids()) == sorted(data.case_ids)
+    owner = {}
+    for name in ("labeled", "pool", "val", "test"):
+        for case in getattr(splits, name):
+            assert owner.setdefault(groups[int(case[1:])], name) == name
+    assert splits.counts["labeled"] >= 1 and splits.counts["test"] >= 1
+
+
 def test_splits_label_budget_count_and_group_column():
     data = _grouped_dataset(40, group_size=1)
     splits = make_splits(data, SplitConfig(labeled=7, val=0.1, test=0.2))
@@ -295,7 +314,7 @@ def test_splits_save_load_select(tmp_path):
     assert saved["counts"] == splits.counts and saved["config"]["labeled"] == 4
     loaded = Splits.load(path)
     assert loaded.to_dict() == splits.to_dict()
-    labeled = data.select(loaded.labeled)
+    labeled = loaded.subsets(data)["labeled"]
     assert labeled.case_ids == loaded.labeled and labeled.images.shape == (4, 1, 16, 16)
     assert labeled.meta["metadata"]["patient_id"] == [data.groups[data.case_ids.index(c)] for c in loaded.labeled]
     with pytest.raises(DataError, match="nope"):

@@ -85,6 +85,11 @@ class Splits:
             raise DataError(f"splits file {path} lacks the list(s) {', '.join(missing)}")
         return cls(**{name: data[name] for name in SPLIT_NAMES}, config=data.get("config") or {})
 
+    def subsets(self, dataset: SegDataset) -> dict[str, SegDataset]:
+        """``{"labeled": ..., "pool": ..., "val": ..., "test": ...}`` as data sets (``dataset.select``)."""
+        self.check(dataset)
+        return {name: dataset.select(getattr(self, name)) for name in SPLIT_NAMES}
+
     def check(self, dataset: SegDataset) -> None:
         """Raise DataError when a split names a case that ``dataset`` does not have."""
         known = set(dataset.case_ids)
