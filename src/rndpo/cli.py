@@ -394,6 +394,149 @@ def report_command(
     typer.echo(f"report: {index}")
 
 
+# ---------------------------------------------------------------------------------------------
+# train-base / evaluate (owner: model & training engineer)
+# ---------------------------------------------------------------------------------------------
+def _metrics_table(title: str, results: dict[str, dict]):
+    """One row per evaluated split: cases, Dice ± std, IoU, HD95."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("split", "cases", "Dice", "IoU", "HD95 (px)"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, result in results.items():
+        table.add_row(name, str(result["n_cases"]), f"{result['dice']:.4f} ± {result['dice_std']:.4f}",
+                      f"{result['iou']:.4f}", f"{result['hd95']:.2f}")
+    return table
+
+
+@app.command("train-base")
+def train_base_command(
+    data: str = typer.Option(..., "--data", help="Data folder (images/+masks/ or nnU-Net v2 raw) or 'synthetic'."),
+    out: str = typer.Option(..., "--out", help="Run folder: splits.json, config.yaml and base/ (checkpoints, train_log.jsonl)."),
+    labeled: float = typer.Option(0.1, "--labeled", help="Label budget: a fraction (< 1) of the non-val/test cases or a count."),
+    size: int = typer.Option(128, "--size", help="Training size per side."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over the labeled split (default: BaseTrainConfig)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps in total (overrides --epochs)."),
+    arch: str = typer.Option("unet", "--arch", help="unet | basicunet | dynunet | segresnet."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split and of training."),
+    val: float = typer.Option(0.1, "--val", help="Validation fraction (model selection)."),
+    test: float = typer.Option(0.2, "--test", help="Test fraction (evaluation only)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default: BaseTrainConfig)."),
+    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default: BaseTrainConfig)."),
+    snapshots: int | None = typer.Option(None, "--snapshots", help="Evenly spaced snapshots to keep (checkpoints proposals)."),
+    max_cases: int | None = typer.Option(None, "--max-cases", help="Read only the first N cases (sorted by id)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Split the data, train the base segmenter on the labeled split (resumes in RUN/base/), print val and test Dice."""
+    import time
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from rndpo.config import BaseTrainConfig, DataConfig, ModelConfig, SplitConfig
+    from rndpo.data import Splits, load_dataset, make_splits
+    from rndpo.io import read_yaml, write_json, write_yaml
+    from rndpo.metrics import evaluate
+    from rndpo.training.base import train_base
+    from rndpo.training.checkpoint import load_model
+
+    started = time.perf_counter()
+    run = Path(out)
+    data_cfg = DataConfig(path=data, size=size, max_cases=max_cases)
+    split_cfg = SplitConfig(labeled=int(labeled) if labeled >= 1 else labeled, val=val, test=test, seed=seed)
+    model_cfg = ModelConfig(arch=arch)
+    overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "snapshots": snapshots}
+    train_cfg = BaseTrainConfig(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    resolved = {"data": data_cfg.model_dump(mode="json"), "split": split_cfg.model_dump(mode="json"),
+                "model": model_cfg.model_dump(mode="json"), "base": train_cfg.model_dump(mode="json")}
+    config_path = run / "config.yaml"
+    if config_path.exists() and (read_yaml(config_path) or {}).get("base") not in (None, resolved["base"]):
+        raise RndpoError(f"{config_path} holds another base configuration; use a new --out or delete {run}")
+    dataset = load_dataset(data_cfg)
+    splits = make_splits(dataset, split_cfg)
+    splits_path = run / "splits.json"
+    if splits_path.exists() and Splits.load(splits_path).to_dict() != splits.to_dict():
+        raise RndpoError(f"{splits_path} was made with other split settings or data; use a new --out or delete {run}")
+    run.mkdir(parents=True, exist_ok=True)
+    splits.save(splits_path)
+    write_yaml(config_path, resolved)
+    console = Console()
+    counts = splits.counts
+    console.print(f"{dataset.meta.get('source', data)}: {len(dataset)} cases at {size}px → labeled {counts['labeled']}, "
+                  f"pool {counts['pool']}, val {counts['val']}, test {counts['test']}")
+    best = train_base(dataset.select(splits.labeled), dataset.select(splits.val) if splits.val else None,
+                      model_cfg, train_cfg, run / "base", progress=progress)
+    model, meta = load_model(best)
+    results = {name: evaluate(model, dataset.select(getattr(splits, name)), hd95=name == "test")
+               for name in ("val", "test") if getattr(splits, name)}
+    write_json(run / "base" / "eval.json", {"checkpoint": str(best), "step": meta.get("step"), **results})
+    console.print(_metrics_table(f"base model {best} (step {meta.get('step')})", results))
+    console.print(f"wall time {time.perf_counter() - started:.1f} s")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: str = typer.Option(..., "--model", help="Model checkpoint (.safetensors) or a run folder holding best.safetensors."),
+    data: str = typer.Option(..., "--data", help="Data folder (or 'synthetic') the model is evaluated on."),
+    split: str = typer.Option("test", "--split", help="labeled | pool | val | test | all (every case of --data)."),
+    splits: str | None = typer.Option(None, "--splits", help="splits.json (default: the one of the model's run folder)."),
+    json_out: str | None = typer.Option(None, "--json", help="Write means and per-case values to this JSON file."),
+    size: int | None = typer.Option(None, "--size", help="Size to read the data at (default: the model's training size)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    worst: int = typer.Option(5, "--worst", help="Also list the N cases with the lowest Dice (0: none)."),
+) -> None:
+    """Evaluate a model on a split: mean Dice / IoU / HD95 (table), per case in --json."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from rndpo.config import DataConfig
+    from rndpo.data import Splits, load_dataset
+    from rndpo.data.splits import SPLIT_NAMES
+    from rndpo.io import write_json
+    from rndpo.metrics import evaluate
+    from rndpo.training.checkpoint import load_model, resolve_checkpoint
+
+    if split not in (*SPLIT_NAMES, "all"):
+        raise RndpoError(f"--split must be one of {', '.join(SPLIT_NAMES)}, all; got {split!r}")
+    checkpoint = resolve_checkpoint(model)
+    network, meta = load_model(checkpoint)
+    size = size if size is not None else meta.get("size")
+    if not isinstance(size, int):
+        raise RndpoError(f"model {checkpoint} records size {size!r}; pass --size")
+    dataset = load_dataset(DataConfig(path=data, size=size))
+    if dataset.in_channels != int(meta["in_channels"]) or dataset.num_classes != int(meta["num_classes"]):
+        raise RndpoError(f"data {data} ({dataset.in_channels} channel(s), {dataset.num_classes} classes) does not match model "
+                         f"{checkpoint} ({meta['in_channels']} channel(s), {meta['num_classes']} classes)")
+    splits_path = None
+    if split != "all":
+        candidates = [Path(splits)] if splits else [p / "splits.json" for p in (checkpoint.parent, checkpoint.parent.parent)]
+        splits_path = next((p for p in candidates if p.is_file()), None)
+        if splits_path is None:
+            raise RndpoError(f"no splits file: {', '.join(map(str, candidates))} not found (pass --splits or --split all)")
+        dataset = dataset.select(getattr(Splits.load(splits_path), split))
+    if len(dataset) == 0:
+        raise RndpoError(f"split {split!r} of {splits_path} is empty")
+    if dataset.masks is None:
+        raise RndpoError(f"data {data} has no masks to evaluate against")
+    result = evaluate(network, dataset, batch_size=batch_size)
+    console = Console()
+    console.print(_metrics_table(f"{checkpoint} on {data}", {split: result}))
+    if worst > 0:
+        table = Table(title=f"{min(worst, len(dataset))} lowest-Dice cases")
+        for column in ("case", "Dice", "IoU", "HD95 (px)"):
+            table.add_column(column, justify="left" if column == "case" else "right")
+        for case in sorted(result["per_case"], key=lambda c: c["dice"])[:worst]:
+            table.add_row(case["case_id"], f"{case['dice']:.4f}", f"{case['iou']:.4f}", f"{case['hd95']:.2f}")
+        console.print(table)
+    if json_out:
+        write_json(json_out, {"model": str(checkpoint), "data": data, "split": split,
+                              "splits": None if splits_path is None else str(splits_path), "size": size, **result})
+        console.print(f"per-case results → {json_out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (also used by tests)."""
     try:
