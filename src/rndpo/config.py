@@ -323,3 +323,84 @@ def format_validation_error(error: Exception) -> str:
             message = "unknown key"
         lines.append(f"{where}: {message}")
     return "; ".join(lines)
+
+
+class MethodSpec(StrictModel):
+    """One method of an experiment and its grid (β and learning rate); other fine-tuning fields may be
+    overridden per method (e.g. ``sft_weight``)."""
+
+    method: Literal[
+        "dpo", "rn-dpo", "ipo", "rn-ipo", "rdpo", "rn-rdpo", "hinge", "rn-hinge",
+        "base", "pseudo-label", "entropy-min", "mean-teacher", "oracle",
+    ]
+    betas: tuple[Annotated[float, Field(gt=0)], ...] = (0.1,)
+    """β grid (objectives only; chosen on the labeled val split, never on test)."""
+    lrs: tuple[Annotated[float, Field(gt=0)], ...] | None = None
+    """Learning-rate grid; ``None`` uses ``finetune.lr``."""
+    overrides: dict[str, Any] = {}
+    """Other :class:`FinetuneConfig` fields for this method, e.g. ``{sft_weight: 0.1}``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"method": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "MethodSpec":
+        reserved = {"method", "beta", "lr"} & set(self.overrides)
+        if reserved:
+            raise ValueError(f"overrides may not set {sorted(reserved)}: use method / betas / lrs")
+        unknown = set(self.overrides) - set(FinetuneConfig.model_fields)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning field(s) in overrides: {sorted(unknown)}")
+        return self
+
+
+class EvalConfig(StrictModel):
+    """What each periodic evaluation computes."""
+
+    hd95: bool = False
+    """HD95 at every evaluation (the slowest metric; the final summary of the run always has it)."""
+    gallery: Annotated[int, Field(ge=0)] = 6
+    """Pairs kept for the report's gallery per (judge, mining)."""
+
+
+class ExperimentConfig(StrictModel):
+    """A whole study: data → base → proposals → judges → mining → methods, over seeds.
+
+    Stages are cached by a content hash of the config part that produced them (so every method of a
+    seed shares one base model, one bank, one set of scores and pairs); cells are (seed, judge, mining,
+    method, β, lr); baselines that ignore the judge (and mining) run once per seed and are reported in
+    every regime.
+    """
+
+    name: str = "experiment"
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    base: BaseTrainConfig = BaseTrainConfig()
+    proposals: ProposalConfig = ProposalConfig()
+    judges: tuple[JudgeConfig, ...] = (JudgeConfig(),)
+    mining: tuple[MiningConfig, ...] = (MiningConfig(),)
+    methods: tuple[MethodSpec, ...] = (MethodSpec(method="base"), MethodSpec(method="dpo"), MethodSpec(method="rn-dpo"))
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Defaults of every cell's fine-tuning (method, β and lr come from ``methods``)."""
+    eval: EvalConfig = EvalConfig()
+    seeds: tuple[int, ...] = (0,)
+    """Each seed re-draws the split, the base model, proposals, judge noise, mining and fine-tuning."""
+
+    @field_validator("judges", "mining", "methods", "seeds")
+    @classmethod
+    def _non_empty(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("must list at least one entry")
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ExperimentConfig":
+        labels = [j.label for j in self.judges]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"judges are listed twice: {labels}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds are listed twice: {list(self.seeds)}")
+        return self
