@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -535,6 +538,68 @@ def evaluate_command(
         write_json(json_out, {"model": str(checkpoint), "data": data, "split": split,
                               "splits": None if splits_path is None else str(splits_path), "size": size, **result})
         console.print(f"per-case results → {json_out}")
+
+
+def _console_log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _run_experiment(cfg, out: str | None, *, cells: list[int] | None, report: bool, progress: bool) -> None:
+    from rndpo.experiment import Experiment
+    from rndpo.report import format_results_table, write_report
+
+    run_dir = Path(out or Path("runs") / cfg.name)
+    experiment = Experiment(cfg, run_dir, log=_console_log, progress=progress)
+    total = len(experiment.cells())
+    if cells:
+        bad = [i for i in cells if not 0 <= i < total]
+        if bad:
+            raise RndpoError(f"cell index {bad[0]} out of range: this config has {total} cells (0..{total - 1})")
+    start = time.perf_counter()
+    rows = experiment.run(cells)
+    typer.echo(format_results_table(rows))
+    typer.echo(f"results: {run_dir / 'results.csv'}  ({time.perf_counter() - start:.0f} s)")
+    if report:
+        typer.echo(f"report: {write_report(run_dir)}")
+
+
+@app.command("run")
+def run_command(
+    config: str = typer.Argument(..., help="Experiment YAML (see configs/ and `rndpo demo --print-config`)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<name>)."),
+    list_cells: bool = typer.Option(False, "--list", help="Print the cells with their indices and exit."),
+    cell: Optional[list[int]] = typer.Option(None, "--cell", help="Run only these cell indices (repeatable)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report/ when done."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Run every cell of an experiment (finished cells and cached stages are skipped)."""
+    from rndpo.experiment import plan_cells, read_config
+
+    cfg = read_config(config)
+    if list_cells:
+        for item in plan_cells(cfg):
+            typer.echo(item.describe())
+        return
+    _run_experiment(cfg, out, cells=cell, report=report, progress=progress)
+
+
+@app.command("demo")
+def demo_command(
+    quick: bool = typer.Option(False, "--quick", help="A smaller demo (under a minute; used by the tests)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/demo or runs/demo-quick)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the demo's config as YAML and exit."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """The whole pipeline on synthetic data: base model, proposals, judges, mining, DPO vs RN-DPO, report."""
+    import yaml
+
+    from rndpo.demo import demo_config
+
+    cfg = demo_config(quick=quick)
+    if print_config:
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return
+    _run_experiment(cfg, out, cells=None, report=True, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
