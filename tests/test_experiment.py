@@ -1,0 +1,124 @@
+"""The experiment runner end to end through the CLI: `rndpo demo --quick`, caching, cells, bad configs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rndpo.cli import main
+from rndpo.config import ExperimentConfig
+from rndpo.demo import demo_config
+from rndpo.experiment import plan_cells
+
+
+def read_rows(run: Path) -> list[dict]:
+    with open(run / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--quick", "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+def test_quick_demo_writes_results_report_and_stage_cache(demo_run, capsys):
+    rows = read_rows(demo_run)
+    cfg = demo_config(quick=True)
+    regimes = {(r["judge"], r["mining"]) for r in rows}
+    assert regimes == {("oracle", "top-vs-rest"), ("agreement", "top-vs-rest")}
+    methods = {r["method"] for r in rows}
+    assert methods == {"base", "dpo", "rn-dpo", "pseudo-label", "oracle"}
+    for row in rows:
+        peak, final, sustained = float(row["peak"]), float(row["final"]), float(row["sustained"])
+        assert 0.0 <= final <= peak <= 1.0 and 0.0 <= sustained <= peak
+        assert float(row["drop"]) == pytest.approx(peak - final)
+        assert row["selected"] == "True"
+    oracle_judge = [r for r in rows if r["judge"] == "oracle"]
+    assert float(oracle_judge[0]["judge_accuracy"]) == pytest.approx(1.0)  # σ = 0 oracle orders perfectly
+    dpo_oracle = next(r for r in oracle_judge if r["method"] == "dpo")
+    assert float(dpo_oracle["pair_accuracy"]) == pytest.approx(1.0)
+    base = next(r for r in rows if r["method"] == "base")
+    upper = next(r for r in rows if r["method"] == "oracle")
+    assert float(upper["peak"]) > float(base["peak"])  # supervision on the pool's truth helps
+
+    stages = sorted(p.name.split("-")[0] for p in (demo_run / "stages").iterdir() if p.is_dir())
+    # one base model and one bank shared by every method; one scores + pairs stage per judge
+    assert stages == ["bank", "base", "pairs", "pairs", "scores", "scores"]
+    assert len(list((demo_run / "cells").glob("*/done.json"))) == len(plan_cells(cfg))
+    resolved = yaml.safe_load((demo_run / "config.yaml").read_text())
+    assert ExperimentConfig.model_validate(resolved) == cfg
+    html = (demo_run / "report" / "index.html").read_text()
+    assert "data:image/png;base64," in html and "rn-dpo" in html
+    for cell in (demo_run / "cells").iterdir():
+        if cell.is_dir():
+            assert (cell / "metrics.jsonl").exists() and (cell / "config.yaml").exists()
+
+
+def test_rerun_skips_finished_cells_and_stages(demo_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in demo_run.glob("**/done.json")}
+    assert main(["demo", "--quick", "--out", str(demo_run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "building" not in err and "[run]" not in err
+    assert {p: p.stat().st_mtime_ns for p in demo_run.glob("**/done.json")} == before
+
+
+def test_list_and_single_cell(tmp_path, capsys):
+    config = tmp_path / "exp.yaml"
+    cfg = demo_config(quick=True).model_dump(mode="json")
+    cfg["methods"] = ["base", {"method": "rn-dpo", "betas": [0.5, 1.0]}]
+    cfg["judges"] = ["oracle"]
+    cfg["finetune"]["steps"] = 4
+    cfg["finetune"]["eval_every"] = 2
+    cfg["base"]["steps"] = 20
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(config), "--list"]) == 0
+    listing = capsys.readouterr().out.strip().splitlines()
+    assert len(listing) == 3 and listing[0].startswith("[0]") and "beta=0.5" in listing[1]
+
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--cell", "2", "--no-report", "--no-progress"]) == 0
+    rows = read_rows(run)
+    assert [(r["method"], float(r["beta"])) for r in rows] == [("rn-dpo", 1.0)]
+    assert main(["run", str(config), "--out", str(run), "--cell", "7", "--no-progress"]) == 1
+    assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda c: c["finetune"].update(lerning_rate=1), "finetune.lerning_rate: unknown key"),
+        (lambda c: c.update(judges=["oracle+blur:1"]), "judges.0"),
+        (lambda c: c["methods"].append({"method": "rn-dpo", "overrides": {"beta": 2}}), "overrides may not set"),
+        (lambda c: c.update(seeds=[]), "seeds"),
+    ],
+)
+def test_bad_configs_fail_with_one_line_naming_the_key(tmp_path, capsys, mutate, message):
+    cfg = demo_config(quick=True).model_dump(mode="json")
+    mutate(cfg)
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_missing_config_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 1
+    assert "config not found" in capsys.readouterr().err
+
+
+def test_cells_share_one_base_model_per_seed():
+    cfg = demo_config(quick=True)
+    cells = plan_cells(cfg)
+    judge_free = [c for c in cells if c.method in ("base", "oracle")]
+    assert all(c.judge is None and c.mining is None for c in judge_free)
+    ids = [c.cell_id for c in cells]
+    assert len(set(ids)) == len(ids)
+    # a changed fine-tuning setting is another cell (never a stale cached result)
+    longer = plan_cells(cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 21})}))
+    assert not set(ids) & {c.cell_id for c in longer}
