@@ -183,6 +183,15 @@ def _load_split(data: str, size: int, splits: str, split: str, model_meta: dict,
     return subset
 
 
+def _judge_cfg(spec: str, update: dict):
+    """Parse a judge spec and apply the command-line settings to it and to its ensemble members (validated)."""
+    from rndpo.config import JudgeConfig
+
+    cfg = JudgeConfig.model_validate(spec).model_dump()
+    cfg["members"] = [{**member, **update} for member in cfg["members"]]
+    return JudgeConfig.model_validate({**cfg, **update})
+
+
 def _judge_names(cfg) -> set[str]:
     """Names of a judge and of its ensemble members."""
     return {cfg.name, *(m.name for m in cfg.members)}
@@ -267,16 +276,13 @@ def judge_command(
     from rich.console import Console
 
     from rndpo.bank import ProposalBank, save_scores
-    from rndpo.config import JudgeConfig
     from rndpo.judges import run_judge
 
     proposal_bank = ProposalBank.open(bank)
     provenance = proposal_bank.meta
     update = {"agreement_mode": agreement_mode, "entropy_passes": entropy_passes, "entropy_region": entropy_region,
               "qc_model": qc_model, "qc_epochs": qc_epochs, "seed": seed}
-    cfg = JudgeConfig.model_validate(judge).model_copy(update=update)
-    if cfg.name == "ensemble":
-        cfg = cfg.model_copy(update={"members": tuple(m.model_copy(update=update) for m in cfg.members)})
+    cfg = _judge_cfg(judge, update)
     names = _judge_names(cfg)
     inputs: dict = {}
     if names & {"oracle", "entropy", "learned-qc"}:
@@ -317,6 +323,7 @@ def audit_command(
     morphology: str = typer.Option("erode:2,dilate:2", "--morphology", help="Comma list of erode|dilate|open|close:radius."),
     checkpoints: bool = typer.Option(False, "--checkpoints/--no-checkpoints", help="Add the snap_* snapshots next to the model."),
     entropy_passes: int = typer.Option(8, "--entropy-passes", help="entropy: MC-dropout passes."),
+    entropy_region: str = typer.Option("foreground", "--entropy-region", help="entropy: foreground | boundary."),
     qc_epochs: int = typer.Option(30, "--qc-epochs", help="learned-qc: training epochs."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed of proposals, noise, mining."),
@@ -329,7 +336,7 @@ def audit_command(
     from rich.console import Console
     from rich.table import Table
 
-    from rndpo.config import JudgeConfig, MiningConfig
+    from rndpo.config import MiningConfig
     from rndpo.io import write_json
     from rndpo.judges import audit_judge, pair_outcomes, plot_region_histogram, proposal_dice, run_judge
     from rndpo.mining import mine_pairs
@@ -338,8 +345,8 @@ def audit_command(
     folder = Path(out)
     cfg = _proposal_cfg(mc_dropout, tta, thresholds, morphology, checkpoints, True, batch_size, seed)
     mining = MiningConfig(strategy=strategy, seed=seed)
-    configs = [JudgeConfig.model_validate(j).model_copy(update={"seed": seed, "entropy_passes": entropy_passes, "qc_epochs": qc_epochs})
-               for j in judges]
+    update = {"seed": seed, "entropy_passes": entropy_passes, "entropy_region": entropy_region, "qc_epochs": qc_epochs}
+    configs = [_judge_cfg(spec, update) for spec in judges]
     network, meta, checkpoint, size = _load_base(model, size)
     evaluated = _load_split(data, size, splits, split, meta, masks=True)
     if evaluated.masks is None:
