@@ -1,6 +1,6 @@
 """Preference fine-tuning (DPO, RN-DPO, …) and the baselines, in one readable loop.
 
-    batch of images → ONE forward → all of their pairs scored with ``mask_logratio(image_index=…)``
+    batch of images → ONE forward → all of their pairs scored with ``mask_logps(image_index=…)``
     → ``preference_loss`` against the reference log-ratios stored at mining → step → periodic eval
 
 No reference forward pass runs here: the reference term of each pair is a constant computed once
@@ -30,7 +30,7 @@ from rndpo.errors import RndpoError
 from rndpo.io import append_jsonl, read_jsonl, to_jsonable
 from rndpo.metrics import evaluate
 from rndpo.models import set_dropout
-from rndpo.objectives import mask_logps, mask_logratio, preference_loss
+from rndpo.objectives import mask_logps, preference_loss
 from rndpo.training.losses import SupervisedLoss, consistency_loss, ema_update, entropy_loss
 from rndpo.training.loop import load_training_state, rewind_jsonl, save_training_state, seed_everything
 
@@ -154,18 +154,18 @@ class _StepLoss:
         index = torch.from_numpy(image_index)
 
         logits = self.model(images)  # ONE forward for all pairs of these images
-        logratio, region = mask_logratio(logits, chosen, rejected, image_index=index)
-        with torch.no_grad():
-            chosen_logp, rejected_logp, _ = mask_logps(logits, chosen, rejected, image_index=index)
+        # one gather of the D pixels gives both the log-ratio (for the loss) and the per-mask
+        # log-probabilities (for the TRL reward statistics): logratio = chosen_logp − rejected_logp
+        chosen_logp, rejected_logp, region = mask_logps(logits, chosen, rejected, image_index=index)
         loss, stats = preference_loss(
-            logratio,
+            chosen_logp - rejected_logp,
             torch.from_numpy(pairs.ref_logratio[rows]),
             region,
             beta=cfg.beta,
             loss_type=self.loss_type,
             normalize=self.normalize,
             label_smoothing=cfg.label_smoothing if self.loss_type == "robust" else 0.0,
-            policy_logps=(chosen_logp, rejected_logp),
+            policy_logps=(chosen_logp.detach(), rejected_logp.detach()),
             ref_logps=(torch.from_numpy(pairs.ref_chosen_logp[rows]), torch.from_numpy(pairs.ref_rejected_logp[rows])),
         )
         if cfg.sft_weight > 0:
