@@ -30,8 +30,16 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+) -> None:
     """Preference fine-tuning (DPO / RN-DPO) of segmentation models from noisy QC judges."""
+    if threads is not None:
+        if threads < 1:
+            raise RndpoError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @app.command()

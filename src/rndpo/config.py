@@ -339,6 +339,8 @@ class MethodSpec(StrictModel):
     """Learning-rate grid; ``None`` uses ``finetune.lr``."""
     overrides: dict[str, Any] = {}
     """Other :class:`FinetuneConfig` fields for this method, e.g. ``{sft_weight: 0.1}``."""
+    mining: tuple[Literal["top-vs-rest", "top-vs-bottom", "random-pairs", "all-pairs"], ...] | None = None
+    """Run this objective only with these mining strategies (``None``: every mining of the experiment)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -403,4 +405,9 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"judges are listed twice: {labels}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds are listed twice: {list(self.seeds)}")
+        strategies = {m.strategy for m in self.mining}
+        for spec in self.methods:
+            if spec.mining is not None and not set(spec.mining) & strategies:
+                raise ValueError(f"method {spec.method}: mining {list(spec.mining)} is not among the experiment's "
+                                 f"minings {sorted(strategies)}")
         return self

@@ -110,7 +110,9 @@ def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
             is_objective = spec.method in OBJECTIVES
             judges: Iterable[JudgeConfig | None] = [None] if spec.method in JUDGE_FREE else cfg.judges
             for judge in judges:
-                minings: Iterable[MiningConfig | None] = cfg.mining if is_objective else [None]
+                minings: Iterable[MiningConfig | None] = [None]
+                if is_objective:
+                    minings = [m for m in cfg.mining if spec.mining is None or m.strategy in spec.mining]
                 for mining in minings:
                     for beta in (spec.betas if is_objective else (None,)):
                         for lr in lrs:

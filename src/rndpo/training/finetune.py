@@ -32,6 +32,7 @@ from rndpo.metrics import evaluate
 from rndpo.models import set_dropout
 from rndpo.objectives import mask_logps, preference_loss
 from rndpo.training.losses import SupervisedLoss, consistency_loss, ema_update, entropy_loss
+from rndpo.training import distributed
 from rndpo.training.loop import load_training_state, rewind_jsonl, save_training_state, seed_everything
 
 __all__ = ["FinetuneInputs", "finetune", "batch_cases", "METRICS_FILE", "STATE_FILE"]
@@ -88,8 +89,11 @@ def batch_cases(step: int, population: np.ndarray, per_step: int, seed: int) -> 
 class _StepLoss:
     """Per-method loss of one batch of pool cases: ``(loss, stats)``."""
 
-    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, inputs: FinetuneInputs, num_channels: int):
+    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, inputs: FinetuneInputs, num_channels: int,
+                 forward: torch.nn.Module | None = None):
+        # ``forward``: what runs the training forward (a DDP wrapper of ``model`` under torchrun)
         self.model, self.cfg, self.inputs = model, cfg, inputs
+        self.forward = forward if forward is not None else model
         self.supervised = SupervisedLoss(num_channels)
         self.teacher: torch.nn.Module | None = None
         method = cfg.method
@@ -124,7 +128,7 @@ class _StepLoss:
         method = self.cfg.method
         if method in OBJECTIVES:
             return self._preference(images, cases)
-        logits = self.model(images)
+        logits = self.forward(images)
         if method in ("pseudo-label", "oracle"):
             targets = torch.from_numpy(np.ascontiguousarray(self.inputs.targets[cases])).long()
             return self.supervised(logits, targets), {}
@@ -133,12 +137,12 @@ class _StepLoss:
         # mean-teacher: supervised on a labeled batch + consistency with the EMA teacher on the pool
         labeled = self.inputs.labeled
         pick = batch_cases(step, np.arange(len(labeled.images)), len(cases), self.cfg.seed + 1)
-        sup_logits = self.model(torch.from_numpy(np.ascontiguousarray(labeled.images[pick])))
+        sup_logits = self.forward(torch.from_numpy(np.ascontiguousarray(labeled.images[pick])))
         sup = self.supervised(sup_logits, torch.from_numpy(np.ascontiguousarray(labeled.masks[pick])).long())
         with torch.no_grad():
             teacher_logits = self.teacher(images + 0.1 * torch.randn_like(images))
         consistency = consistency_loss(logits, teacher_logits)
-        return sup + consistency, {"loss/consistency": float(consistency)}
+        return sup + consistency, {"loss/consistency": float(consistency.detach())}
 
     def after_step(self) -> None:
         if self.teacher is not None:
@@ -153,7 +157,7 @@ class _StepLoss:
         rejected = torch.stack([masks[int(pairs.case_index[r])][pairs.rejected[r]] for r in rows])
         index = torch.from_numpy(image_index)
 
-        logits = self.model(images)  # ONE forward for all pairs of these images
+        logits = self.forward(images)  # ONE forward for all pairs of these images
         # one gather of the D pixels gives both the log-ratio (for the loss) and the per-mask
         # log-probabilities (for the TRL reward statistics): logratio = chosen_logp − rejected_logp
         chosen_logp, rejected_logp, region = mask_logps(logits, chosen, rejected, image_index=index)
@@ -174,7 +178,7 @@ class _StepLoss:
             anchor = torch.stack([masks[int(c)][pairs.chosen[r]] for c, r in zip(cases, first)]).long()
             sft = self.supervised(logits, anchor)
             loss = loss + cfg.sft_weight * sft
-            stats["loss/sft"] = float(sft)
+            stats["loss/sft"] = float(sft.detach())
         if self.inputs.truly_better is not None:
             stats["pairs/truly_better"] = float(np.mean(self.inputs.truly_better[rows]))
         return loss, stats
@@ -219,13 +223,22 @@ def finetune(
         stop_after: stop (as if killed) after this many steps of this call; for tests of resuming.
 
     Returns:
-        The records of ``metrics.jsonl``, one per evaluation, in step order.
+        The records of ``metrics.jsonl``, one per evaluation, in step order (empty on ranks > 0).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``, process group started by :func:`rndpo.training.distributed.init`)
+    each step's images are sharded over the ranks, the model is wrapped in DDP, and rank 0 alone
+    evaluates and writes; the result equals a single-process run with the same ``images_per_step``
+    up to floating-point summation order.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, state_path = out / METRICS_FILE, out / STATE_FILE
+    dinfo = distributed.info()
+    main_rank = dinfo.rank == 0
+    if dinfo.enabled and cfg.images_per_step < dinfo.world_size:
+        raise RndpoError(f"images_per_step = {cfg.images_per_step} is smaller than the {dinfo.world_size} processes")
     num_channels = _num_channels(model, inputs.pool_images)
-    step_loss = _StepLoss(model, cfg, inputs, num_channels)
+    step_loss = _StepLoss(model, cfg, inputs, num_channels, forward=distributed.wrap(model))
     total = 0 if cfg.method == "base" else cfg.steps
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(max(total, 1)))
@@ -235,11 +248,12 @@ def finetune(
         start, extra = load_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler)
         if step_loss.teacher is not None:
             step_loss.teacher.load_state_dict(extra["teacher"])
-        rewind_jsonl(metrics_path, start)
+        if main_rank:
+            rewind_jsonl(metrics_path, start)
         records = read_jsonl(metrics_path) if metrics_path.exists() else []
     else:
         seed_everything(cfg.seed)
-        if metrics_path.exists():
+        if main_rank and metrics_path.exists():
             metrics_path.unlink()
         records = []
 
@@ -248,21 +262,26 @@ def finetune(
         set_dropout(model, cfg.dropout)
 
     clock = time.perf_counter()
-    if start == 0:
+    if start == 0 and main_rank:
         record = to_jsonable({"step": 0, **_evaluate_all(model, eval_sets, eval_hd95),
                               **{k: None for k in _TRAIN_KEYS}, "time_s": 0.0})
         append_jsonl(metrics_path, record)
         records.append(record)
 
     running: dict[str, list[float]] = {}
-    bar = _progress(progress, total, start, cfg.method)
+    bar = _progress(progress and main_rank, total, start, cfg.method)
     steps_this_call = 0
     for step in range(start, total):
         if stop_after is not None and steps_this_call >= stop_after:
             break
         set_modes()
         cases = batch_cases(step, step_loss.population, cfg.images_per_step, cfg.seed)
-        loss, stats = step_loss(step, cases)
+        loss, stats = step_loss(step, distributed.shard(cases, dinfo))
+        if dinfo.enabled:
+            # DDP averages gradients over ranks; weigh each rank's mean by its share of the global
+            # count (pairs, or images) so the step equals the single-process step on the whole batch
+            count = stats.get("pairs/count", float(len(distributed.shard(cases, dinfo))))
+            loss = loss * (count * dinfo.world_size / max(distributed.all_reduce_sum(count), 1.0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -277,7 +296,7 @@ def finetune(
         done = step + 1
         if bar is not None:
             bar.update(1, loss=float(loss.detach()))
-        if done % cfg.eval_every == 0 or done == total:
+        if main_rank and (done % cfg.eval_every == 0 or done == total):
             record = {"step": done, **_evaluate_all(model, eval_sets, eval_hd95)}
             record.update({k: (float(np.mean(running[k])) if running.get(k) else None) for k in _TRAIN_KEYS})
             record.update({k: float(np.mean(v)) for k, v in running.items() if k not in _TRAIN_KEYS})
@@ -288,11 +307,12 @@ def finetune(
             running = {}
             if bar is not None:
                 bar.note(dice=record.get("test/dice", record.get("val/dice")))
-        if done % cfg.checkpoint_every == 0 or done == total:
+        if main_rank and (done % cfg.checkpoint_every == 0 or done == total):
             extra = {"teacher": step_loss.teacher.state_dict()} if step_loss.teacher is not None else None
             save_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler, step=done, extra=extra)
     if bar is not None:
         bar.close()
+    distributed.barrier()
     model.eval()
     set_dropout(model, False)
     return records
