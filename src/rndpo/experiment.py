@@ -393,12 +393,24 @@ class Experiment:
                 inputs.labeled = base.labeled
             model = _load(base.checkpoint)
             start = time.perf_counter()
-            records = finetune(model, cell.finetune, inputs, {"val": base.val, "test": base.test}, folder,
-                               progress=self.progress, eval_hd95=self.cfg.eval.hd95)
+            eval_sets = {"val": base.val, "test": base.test}
+            records = finetune(model, cell.finetune, inputs, eval_sets, folder, progress=self.progress,
+                               eval_hd95=self.cfg.eval.hd95, initial_eval=self._base_eval(base, eval_sets))
             final = evaluate(model, base.test, hd95=True)
             summary = self._summarise(cell, records, final, time.perf_counter() - start, extra)
             write_json(done, summary)
         return summary
+
+    def _base_eval(self, base: BaseStage, eval_sets: dict) -> dict:
+        """The step-0 evaluation, shared by every cell of the seed (computed once, kept in the base stage)."""
+        from rndpo.training.finetune import evaluate_all
+
+        path = base.dir / f"eval_step0{'_hd95' if self.cfg.eval.hd95 else ''}.json"
+        if path.exists():
+            return {k: (float("nan") if v is None else v) for k, v in read_json(path).items()}
+        evaluation = evaluate_all(_load(base.checkpoint), eval_sets, self.cfg.eval.hd95)
+        write_json(path, evaluation)
+        return evaluation
 
     def _summarise(self, cell: Cell, records: list[dict], final: dict, wall: float, extra: dict) -> dict:
         steps = [r["step"] for r in records]

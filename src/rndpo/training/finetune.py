@@ -35,7 +35,7 @@ from rndpo.training.losses import SupervisedLoss, consistency_loss, ema_update, 
 from rndpo.training import distributed
 from rndpo.training.loop import load_training_state, rewind_jsonl, save_training_state, seed_everything
 
-__all__ = ["FinetuneInputs", "finetune", "batch_cases", "METRICS_FILE", "STATE_FILE"]
+__all__ = ["FinetuneInputs", "finetune", "evaluate_all", "batch_cases", "METRICS_FILE", "STATE_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.safetensors"
@@ -184,7 +184,8 @@ class _StepLoss:
         return loss, stats
 
 
-def _evaluate_all(model: torch.nn.Module, eval_sets: dict, hd95: bool) -> dict[str, float]:
+def evaluate_all(model: torch.nn.Module, eval_sets: dict, hd95: bool) -> dict[str, float]:
+    """``{"<name>/dice", "<name>/iou", "<name>/hd95"}`` of ``model`` on each named data set (HD95 NaN when off)."""
     record: dict[str, float] = {}
     for split, dataset in eval_sets.items():
         result = evaluate(model, dataset, hd95=hd95)
@@ -208,6 +209,7 @@ def finetune(
     progress: bool = False,
     eval_hd95: bool = True,
     stop_after: int | None = None,
+    initial_eval: dict[str, float] | None = None,
 ) -> list[dict]:
     """Fine-tune ``model`` in place with ``cfg.method`` and return the evaluation records.
 
@@ -221,6 +223,8 @@ def finetune(
         progress: show a progress bar.
         eval_hd95: include HD95 in the periodic evaluations (the slowest metric).
         stop_after: stop (as if killed) after this many steps of this call; for tests of resuming.
+        initial_eval: the step-0 evaluation of this very model on ``eval_sets`` (``{"test/dice": …}``),
+            when the caller already has it (every cell of a sweep starts from the same base model).
 
     Returns:
         The records of ``metrics.jsonl``, one per evaluation, in step order (empty on ranks > 0).
@@ -263,7 +267,8 @@ def finetune(
 
     clock = time.perf_counter()
     if start == 0 and main_rank:
-        record = to_jsonable({"step": 0, **_evaluate_all(model, eval_sets, eval_hd95),
+        evaluation = initial_eval if initial_eval is not None else evaluate_all(model, eval_sets, eval_hd95)
+        record = to_jsonable({"step": 0, **evaluation,
                               **{k: None for k in _TRAIN_KEYS}, "time_s": 0.0})
         append_jsonl(metrics_path, record)
         records.append(record)
@@ -297,7 +302,7 @@ def finetune(
         if bar is not None:
             bar.update(1, loss=float(loss.detach()))
         if main_rank and (done % cfg.eval_every == 0 or done == total):
-            record = {"step": done, **_evaluate_all(model, eval_sets, eval_hd95)}
+            record = {"step": done, **evaluate_all(model, eval_sets, eval_hd95)}
             record.update({k: (float(np.mean(running[k])) if running.get(k) else None) for k in _TRAIN_KEYS})
             record.update({k: float(np.mean(v)) for k, v in running.items() if k not in _TRAIN_KEYS})
             record["time_s"] = time.perf_counter() - clock
