@@ -134,16 +134,21 @@ class ModelConfig(StrictModel):
 class BaseTrainConfig(StrictModel):
     """Supervised training of the base segmenter on the labeled split."""
 
-    epochs: PositiveInt = 40
-    """Passes over the labeled split (ignored when ``steps`` is set)."""
+    epochs: PositiveInt = 30
+    """Passes over the labeled split (ignored when ``steps`` is set). 30 epochs of a 10 % label budget
+    at 128 px (BUS-BRA: 131 images, 510 steps) take a few minutes on 2 CPU cores."""
     steps: PositiveInt | None = None
     """Optimizer steps in total; overrides ``epochs`` when set."""
     batch_size: PositiveInt = 8
-    lr: Annotated[float, Field(gt=0)] = 2e-3
-    """AdamW learning rate (cosine schedule to zero)."""
+    """Images per optimizer step."""
+    lr: Annotated[float, Field(gt=0)] = 5e-3
+    """AdamW peak learning rate: linear warm-up over the first 5 % of steps (at most 100), then cosine
+    to zero. On short budgets the instance-norm UNet reached clearly higher Dice at 5e-3..1e-2 than at 2e-3..3e-3."""
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    """AdamW weight decay (not applied to biases and norm weights)."""
     augment: bool = True
-    """MONAI augmentation: flips, small rotations / scaling, intensity shift and scale."""
+    """MONAI augmentation: left-right flips (every axis in 3D), small rotations / scaling, intensity
+    shift and scale (see :func:`rndpo.training.base.build_augmentation`)."""
     snapshots: Annotated[int, Field(ge=0)] = 0
     """Number of evenly spaced snapshots kept for the ``checkpoints`` proposal generator."""
     checkpoint_every: PositiveInt = 50
