@@ -563,8 +563,12 @@ def _run_experiment(cfg, out: str | None, *, cells: list[int] | None, report: bo
     from rndpo.experiment import Experiment
     from rndpo.report import format_results_table, write_report
 
+    from rndpo.training import distributed
+
+    dist_info = distributed.init()  # a process group when launched by torchrun, else nothing
     run_dir = Path(out or Path("runs") / cfg.name)
-    experiment = Experiment(cfg, run_dir, log=_console_log, progress=progress)
+    main_rank = dist_info.rank == 0
+    experiment = Experiment(cfg, run_dir, log=_console_log if main_rank else None, progress=progress and main_rank)
     total = len(experiment.cells())
     if cells:
         bad = [i for i in cells if not 0 <= i < total]
@@ -572,6 +576,8 @@ def _run_experiment(cfg, out: str | None, *, cells: list[int] | None, report: bo
             raise RndpoError(f"cell index {bad[0]} out of range: this config has {total} cells (0..{total - 1})")
     start = time.perf_counter()
     rows = experiment.run(cells)
+    if not main_rank:
+        return
     typer.echo(format_results_table(rows))
     typer.echo(f"results: {run_dir / 'results.csv'}  ({time.perf_counter() - start:.0f} s)")
     if report:

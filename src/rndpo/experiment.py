@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from rndpo.config import (
     OBJECTIVES,
@@ -41,6 +41,7 @@ from rndpo.data import SegDataset, Splits, load_dataset, make_splits
 from rndpo.errors import RndpoError
 from rndpo.io import atomic_path, read_json, write_json, write_yaml
 from rndpo.metrics import curve_summary, evaluate
+from rndpo.training import distributed
 
 __all__ = ["Cell", "Experiment", "plan_cells", "RESULT_COLUMNS", "read_config"]
 
@@ -157,6 +158,8 @@ class Experiment:
         self._dataset: SegDataset | None = None
         self._cache: dict[str, Any] = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not distributed.is_main():
+            return
         config_path = self.run_dir / "config.yaml"
         resolved = cfg.model_dump(mode="json")
         if config_path.exists():
@@ -356,49 +359,67 @@ class Experiment:
         return self.run_dir / "cells" / cell.cell_id
 
     def run_cell(self, cell: Cell) -> dict:
-        """Run one cell (or return its finished summary); resumes an interrupted cell."""
-        from rndpo.training.finetune import FinetuneInputs, finetune
+        """Run one cell (or return its finished summary); resumes an interrupted cell.
 
+        Under torchrun every rank calls this for the same cell: rank 0 holds the cell's lock and
+        writes, all ranks fine-tune together (DDP), and rank 0's summary is returned on every rank.
+        """
         folder = self.cell_dir(cell)
         done = folder / "done.json"
-        if done.exists():
-            return read_json(done)
+        finished = distributed.broadcast_object(read_json(done) if done.exists() else None)
+        if finished is not None:
+            return finished
+        if not distributed.is_main():
+            return distributed.broadcast_object(self._run_cell(cell, folder))
         folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock", timeout=1):
-            if done.exists():
-                return read_json(done)
-            base = self.base(cell.seed)
+        try:
+            with FileLock(str(folder) + ".lock", timeout=1):
+                summary = read_json(done) if done.exists() else self._run_cell(cell, folder)
+        except Timeout:
+            raise RndpoError(f"cell {cell.cell_id} is being run by another process (lock {folder}.lock)") from None
+        return distributed.broadcast_object(summary)
+
+    def _run_cell(self, cell: Cell, folder: Path) -> dict | None:
+        from rndpo.training.finetune import FinetuneInputs, finetune
+
+        main = distributed.is_main()
+        done = folder / "done.json"
+        base = self.base(cell.seed)
+        if main:
             write_yaml(folder / "config.yaml", {
                 "dataset": self.dataset_name, "seed": cell.seed, "method": cell.method, "beta": cell.beta,
                 "judge": cell.judge.label if cell.judge else None,
                 "mining": cell.mining.model_dump(mode="json") if cell.mining else None,
                 "finetune": cell.finetune.model_dump(mode="json"), "base_stage": base.dir.name,
             })
-            inputs = FinetuneInputs(pool_images=base.pool.images)
-            extra: dict[str, Any] = {}
-            if cell.method in OBJECTIVES:
-                pairs_dir, pairs, truly_better = self.pairs(cell.seed, cell.judge, cell.mining)
-                _, inputs.bank, _ = self.bank(cell.seed)
-                inputs.pairs, inputs.truly_better = pairs, truly_better
-                extra["pairs"] = len(pairs)
-                extra["pair_accuracy"] = read_json(pairs_dir / "pairs_audit.json")["truly_better_fraction"]
-            elif cell.method == "pseudo-label":
-                _, bank, _ = self.bank(cell.seed)
-                _, scores, _ = self.scores(cell.seed, cell.judge)
-                top = np.nanargmax(scores, axis=1)
-                inputs.targets = np.stack([bank.masks(i)[k] for i, k in enumerate(top)])
-            elif cell.method == "oracle":
-                inputs.targets = base.pool.masks
-            elif cell.method == "mean-teacher":
-                inputs.labeled = base.labeled
-            model = _load(base.checkpoint)
-            start = time.perf_counter()
-            eval_sets = {"val": base.val, "test": base.test}
-            records = finetune(model, cell.finetune, inputs, eval_sets, folder, progress=self.progress,
-                               eval_hd95=self.cfg.eval.hd95, initial_eval=self._base_eval(base, eval_sets))
-            final = evaluate(model, base.test, hd95=True)
-            summary = self._summarise(cell, records, final, time.perf_counter() - start, extra)
-            write_json(done, summary)
+        inputs = FinetuneInputs(pool_images=base.pool.images)
+        extra: dict[str, Any] = {}
+        if cell.method in OBJECTIVES:
+            pairs_dir, pairs, truly_better = self.pairs(cell.seed, cell.judge, cell.mining)
+            _, inputs.bank, _ = self.bank(cell.seed)
+            inputs.pairs, inputs.truly_better = pairs, truly_better
+            extra["pairs"] = len(pairs)
+            extra["pair_accuracy"] = read_json(pairs_dir / "pairs_audit.json")["truly_better_fraction"]
+        elif cell.method == "pseudo-label":
+            _, bank, _ = self.bank(cell.seed)
+            _, scores, _ = self.scores(cell.seed, cell.judge)
+            top = np.nanargmax(scores, axis=1)
+            inputs.targets = np.stack([bank.masks(i)[k] for i, k in enumerate(top)])
+        elif cell.method == "oracle":
+            inputs.targets = base.pool.masks
+        elif cell.method == "mean-teacher":
+            inputs.labeled = base.labeled
+        model = _load(base.checkpoint)
+        start = time.perf_counter()
+        eval_sets = {"val": base.val, "test": base.test}
+        initial = self._base_eval(base, eval_sets) if main else None
+        records = finetune(model, cell.finetune, inputs, eval_sets, folder, progress=self.progress,
+                           eval_hd95=self.cfg.eval.hd95, initial_eval=initial)
+        if not main:
+            return None
+        final = evaluate(model, base.test, hd95=True)
+        summary = self._summarise(cell, records, final, time.perf_counter() - start, extra)
+        write_json(done, summary)
         return summary
 
     def _base_eval(self, base: BaseStage, eval_sets: dict) -> dict:
@@ -444,6 +465,8 @@ class Experiment:
         """Collect every finished cell into ``results.csv`` (one row per regime, β selected on val)."""
         from rndpo.stats import select_beta
 
+        if not distributed.is_main():
+            return []
         rows = []
         for cell in self.cells():
             done = self.cell_dir(cell) / "done.json"
