@@ -252,6 +252,15 @@ SYN_TRAIN = BaseTrainConfig(steps=300, batch_size=8, lr=1e-2, seed=0)
 SYN_MIN_DICE = 0.7
 
 
+def test_base_training_in_3d(tmp_path):
+    data = make_synthetic(SyntheticConfig(n_images=6, size=16, spatial_dims=3, seed=0))
+    best = train_base(data.subset(range(4)), data.subset([4, 5]), ModelConfig(channels=(4, 8, 16)),
+                      BaseTrainConfig(steps=2, batch_size=2), tmp_path, progress=False)
+    model, meta = load_model(best)
+    assert meta["spatial_dims"] == 3 and meta["size"] == 16
+    assert predict_logits(model, data.images[:1]).shape == (1, 1, 16, 16, 16)
+
+
 @pytest.mark.slow
 def test_short_base_training_reaches_useful_dice(tmp_path):
     """A broken trainer (loss, augmentation, labels, schedule) cannot pass this (see SYN_MIN_DICE)."""
