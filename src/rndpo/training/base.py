@@ -152,7 +152,8 @@ def _fingerprint(labeled: Any, val: Any | None, model_cfg: ModelConfig, train_cf
         "shape": list(labeled.images.shape[1:]),
         "num_classes": int(labeled.num_classes),
     }
-    return config_hash(model_cfg, train_cfg, data)
+    training = train_cfg.model_dump(mode="json", exclude={"checkpoint_every"})  # does not change the result
+    return config_hash(model_cfg, training, data)
 
 
 def _validation_dice(model: torch.nn.Module, val: Any | None, batch_size: int) -> float | None:
