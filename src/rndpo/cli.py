@@ -375,6 +375,7 @@ def audit_command(
         audit["judge"] = report.summary()
         results[report.label] = audit
         outcomes[report.label] = pair_outcomes(pairs, true_dice)
+        Console(stderr=True).print(f"judge {report.label}: {report.seconds:.1f} s", highlight=False)
     summary = {"model": str(checkpoint), "data": data, "splits": str(splits), "split": split, "size": size,
                "proposal_config": cfg.model_dump(mode="json"), "proposal_stats": bank.meta["proposal_stats"],
                "mining": mining.model_dump(mode="json"), "judges": results,

@@ -397,7 +397,8 @@ class QCNet(nn.Module):
 
     Input ``(B, C_in + M, *spatial)``: the image channels followed by the mask's foreground channels
     (``M = 1`` for binary, ``C − 1`` one-hot channels for ``C`` classes), at ``qc_size`` per side.
-    Four stride-2 convolution levels, global average pooling, two linear layers.
+    Four levels of (stride-2 convolution, convolution), global mean and max pooling, two linear
+    layers: about 7 MFLOP per 64² sample, so it trains in seconds per epoch on a CPU.
 
     Args:
         in_channels: ``C_in + M``.
@@ -405,7 +406,7 @@ class QCNet(nn.Module):
         width: features of the first level (doubling per level).
     """
 
-    def __init__(self, in_channels: int, spatial_dims: int = 2, width: int = 16) -> None:
+    def __init__(self, in_channels: int, spatial_dims: int = 2, width: int = 8) -> None:
         super().__init__()
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
@@ -413,7 +414,7 @@ class QCNet(nn.Module):
         channels = in_channels
         for level in range(4):
             out = width * 2**level
-            layers += [conv(channels, out, 3, stride=1 if level == 0 else 2, padding=1), norm(out), nn.LeakyReLU(0.1),
+            layers += [conv(channels, out, 3, stride=2, padding=1), norm(out), nn.LeakyReLU(0.1),
                        conv(out, out, 3, padding=1), norm(out), nn.LeakyReLU(0.1)]
             channels = out
         self.features = nn.Sequential(*layers)
