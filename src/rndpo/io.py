@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,15 +17,21 @@ import yaml
 __all__ = ["atomic_path", "write_json", "read_json", "write_yaml", "read_yaml", "append_jsonl", "read_jsonl", "to_jsonable"]
 
 
+_HOST = "".join(c if c.isalnum() else "-" for c in socket.gethostname()) or "host"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    If the body raises, the temporary file is removed and ``path`` keeps its previous content.
+    If the body raises, the temporary file is removed and ``path`` keeps its previous content. A
+    process killed mid-write (SIGKILL) cannot clean up: its temporary file, named
+    ``.NAME.<host>.<pid>.<random>.tmp``, is removed by the next successful write of the same target
+    on the same host once that pid is gone (writers on other hosts of a shared folder are left alone).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -31,9 +39,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        _remove_stale_temporaries(target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    prefix = f".{target.name}.{_HOST}."
+    for candidate in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid_text = candidate.name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:  # the writer is gone: its half-written file is garbage
+            candidate.unlink(missing_ok=True)
+        except PermissionError:  # alive, owned by someone else
+            continue
 
 
 def to_jsonable(value: Any) -> Any:
