@@ -1,0 +1,119 @@
+"""Publish study runs into docs/: raw CSVs, small figures and the Markdown tables RESULTS.md quotes.
+
+    python scripts/publish_study.py runs/study-busbra runs/study-hc18
+
+For each run folder: ``rndpo report`` is (re)written, then
+- ``docs/results/<dataset>.csv`` (results.csv: every cell, every β), ``<dataset>_agg.csv`` (mean ± std over
+  seeds), ``<dataset>_comparisons.csv`` (paired bootstrap CIs), ``<dataset>_audit.csv`` (judge audits);
+- ``docs/figures/<dataset>_curves.png`` (test Dice curves of every regime), ``<dataset>_region_hist.png``
+  (|D| of right vs wrong pairs), ``<dataset>_beta_<regime>.png`` for two regimes;
+- ``docs/results/<dataset>_tables.md``: per regime the selected-β summary of every method (the tables of
+  RESULTS.md), generated, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from rndpo.report import read_results, write_report
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+METHODS = ["base", "pseudo-label", "entropy-min", "mean-teacher", "dpo", "rn-dpo", "rdpo", "rn-rdpo", "oracle"]
+JUDGES = ["oracle", "oracle+gaussian:0.1", "oracle+gaussian:0.2", "agreement", "entropy", "learned-qc"]
+
+
+def fmt(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def tables(rows: list[dict]) -> str:
+    selected = [r for r in rows if r.get("selected") in (True, "True", "true", 1)]
+    seeds = sorted({int(r["seed"]) for r in selected})
+    out = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds where n > 1). β chosen per method and seed "
+           "on the val split (sustained val Dice). Test Dice.\n"]
+    for metric in ("peak", "sustained", "final", "drop"):
+        out.append(f"\n**{metric}** (test Dice)\n")
+        minings = sorted({r["mining"] for r in selected})
+        header = ["judge (pairwise acc.)", "mining"] + METHODS
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        for judge in JUDGES:
+            for mining in minings:
+                cell = defaultdict(list)
+                accuracy = []
+                for r in selected:
+                    if r["judge"] == judge and r["mining"] == mining:
+                        cell[r["method"]].append(float(r[metric]))
+                        if r.get("judge_accuracy") not in (None, ""):
+                            accuracy.append(float(r["judge_accuracy"]))
+                if not cell:
+                    continue
+                label = f"{judge} ({np.mean(accuracy):.2f})" if accuracy else judge
+                out.append("| " + " | ".join([label, mining] + [fmt(cell.get(m, [])) for m in METHODS]) + " |")
+    betas = defaultdict(list)
+    for r in selected:
+        if r.get("beta") not in (None, ""):
+            betas[(r["method"], r["judge"], r["mining"])].append(float(r["beta"]))
+    out.append("\n**β chosen on val** (per seed)\n")
+    out.append("| method | judge | mining | β |")
+    out.append("|---|---|---|---|")
+    for (method, judge, mining), values in sorted(betas.items()):
+        out.append(f"| {method} | {judge} | {mining} | {', '.join(f'{b:g}' for b in values)} |")
+    return "\n".join(out) + "\n"
+
+
+def audits(run: Path) -> list[dict]:
+    records = []
+    for path in sorted(run.glob("stages/scores-*/audit.json")):
+        data = json.loads(path.read_text())
+        parts = yaml.safe_load((path.parent / "config.yaml").read_text())["parts"]
+        records.append({"judge": data["judge"], "seed": parts[-1].get("seed", ""),
+                        "spearman": data.get("spearman"), "pairwise_accuracy": data.get("pairwise_accuracy"),
+                        "top1_regret": data.get("regret"), "stage": path.parent.name})
+    return records
+
+
+def publish(run: Path) -> None:
+    write_report(run)
+    rows = read_results(run)
+    dataset = rows[0]["dataset"]
+    results, figures = DOCS / "results", DOCS / "figures"
+    results.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "results.csv", results / f"{dataset}.csv")
+    for name, target in (("results_agg.csv", "agg"), ("comparisons.csv", "comparisons")):
+        if (run / name).exists():
+            shutil.copy(run / name, results / f"{dataset}_{target}.csv")
+    audit_rows = audits(run)
+    if audit_rows:
+        with open(results / f"{dataset}_audit.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(audit_rows[0]))
+            writer.writeheader()
+            writer.writerows(audit_rows)
+    report = run / "report"
+    for name, target in (("curves_all.png", "curves"), ("region_hist.png", "region_hist")):
+        if (report / name).exists():
+            shutil.copy(report / name, figures / f"{dataset}_{target}.png")
+    for regime in ("oracle-top-vs-rest", "agreement-top-vs-rest"):
+        for path in report.glob(f"beta_*-{regime}.png"):
+            shutil.copy(path, figures / f"{dataset}_beta_{regime}.png")
+    (results / f"{dataset}_tables.md").write_text(tables(rows))
+    print(f"{dataset}: {len(rows)} rows → {results}, figures → {figures}")
+
+
+if __name__ == "__main__":
+    for argument in sys.argv[1:]:
+        publish(Path(argument))
