@@ -94,3 +94,24 @@ def test_two_processes_match_one_process(world, method):
         model.load_state_dict(state)
         logits.append(predict_logits(model, test.images))
     torch.testing.assert_close(logits[1], logits[0], rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE)
+
+
+BASE_WORKER = Path(__file__).with_name("ddp_base_worker.py")
+
+
+def test_base_training_two_processes_match_one_process(tmp_path):
+    """Base training (augmented batches of 6 split 3 + 3) under torchrun equals one process."""
+    from rndpo.training.checkpoint import load_model
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for nproc, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={nproc}", str(BASE_WORKER), str(out)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    data = make_synthetic(SyntheticConfig(n_images=40, size=32, seed=7)).subset(range(30, 40))
+    one, _ = load_model(tmp_path / "one" / "last.safetensors")
+    two, _ = load_model(tmp_path / "two" / "last.safetensors")
+    torch.testing.assert_close(predict_logits(two, data.images), predict_logits(one, data.images),
+                               rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE)
+    assert (tmp_path / "two" / "train_log.jsonl").read_text().count("\n") == 3  # rank 0 alone logs: epochs end at steps 5, 10, 12

@@ -484,8 +484,14 @@ def train_base_command(
     counts = splits.counts
     console.print(f"{dataset.meta.get('source', data)}: {len(dataset)} cases at {size}px → labeled {counts['labeled']}, "
                   f"pool {counts['pool']}, val {counts['val']}, test {counts['test']}")
+    from rndpo.training import distributed
+
+    dist_info = distributed.init()  # torchrun: every rank trains its share of each batch (DDP)
     best = train_base(dataset.select(splits.labeled), dataset.select(splits.val) if splits.val else None,
-                      model_cfg, train_cfg, run / "base", progress=progress)
+                      model_cfg, train_cfg, run / "base", progress=progress and dist_info.rank == 0,
+                      dist_info=dist_info)
+    if dist_info.rank != 0:
+        return
     model, meta = load_model(best)
     results = {name: evaluate(model, dataset.select(getattr(splits, name)), hd95=name == "test")
                for name in ("val", "test") if getattr(splits, name)}

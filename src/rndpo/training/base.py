@@ -38,6 +38,7 @@ from rndpo.errors import CheckpointError, DataError
 from rndpo.io import append_jsonl, write_json
 from rndpo.metrics import dice_per_case
 from rndpo.models import build_model, check_input_size, logits_to_labels, out_channels_for, predict_logits
+from rndpo.training import distributed
 from rndpo.training.checkpoint import model_meta, save_model
 from rndpo.training.loop import (
     cosine_schedule,
@@ -204,6 +205,7 @@ def train_base(
     progress: bool = True,
     callback: StepCallback | None = None,
     eval_batch_size: int = 32,
+    dist_info: "distributed.DistInfo | None" = None,
 ) -> Path:
     """Train the base segmenter on ``dataset_labeled``, select it on ``dataset_val``; resumable.
 
@@ -217,6 +219,11 @@ def train_base(
         progress: show a progress bar (loss, validation Dice) on stderr.
         callback: called after every step, see :data:`StepCallback`.
         eval_batch_size: images per forward pass when validating.
+        dist_info: under torchrun, :func:`rndpo.training.distributed.init`'s result: each step's
+            (augmented) batch is split over the ranks, gradients are averaged by DDP with each rank's
+            loss weighted by its share of the batch, and rank 0 alone validates and writes. ``None``:
+            one process. With dropout off this equals the single-process run up to summation order
+            (dropout draws differ per rank; the norms are instance norms, so no batch statistics).
 
     Returns:
         Path of ``best.safetensors``.
@@ -254,6 +261,12 @@ def train_base(
     images_all = torch.from_numpy(np.ascontiguousarray(dataset_labeled.images, dtype=np.float32))
     masks_all = torch.from_numpy(np.ascontiguousarray(dataset_labeled.masks)).long()
 
+    dist_info = dist_info or distributed.DistInfo()
+    main = dist_info.rank == 0
+    if dist_info.enabled and train_cfg.batch_size < dist_info.world_size:
+        raise DataError(f"batch_size {train_cfg.batch_size} is smaller than the {dist_info.world_size} processes")
+    forward = distributed.wrap(model) if dist_info.enabled else model
+
     step = 0
     extra: dict[str, Any] = {
         "fingerprint": fingerprint, "history": [], "best_val_dice": None, "best_step": None,
@@ -266,10 +279,11 @@ def train_base(
                 f"{state_path} belongs to another configuration or other data; "
                 f"use a new output folder or delete {out_dir}"
             )
-        rewind_jsonl(log_path, step)
+        if main:
+            rewind_jsonl(log_path, step)
         if step >= total_steps and best_path.exists() and last_path.exists():
             return best_path
-    elif log_path.exists():
+    elif log_path.exists() and main:
         log_path.unlink()  # a log without a state is from a run that never reached a checkpoint
 
     def meta(kind: str, at_step: int, val_dice: float | None) -> dict[str, Any]:
@@ -278,7 +292,7 @@ def train_base(
             train=train_cfg.model_dump(mode="json"), n_labeled=n_labeled,
         )
 
-    bar = _Progress(progress, total_steps, step)
+    bar = _Progress(progress and main, total_steps, step)
     started = time.perf_counter() - float(extra["elapsed_s"])
     smoothed_loss: float | None = None
     try:
@@ -292,8 +306,16 @@ def train_base(
             if augment is not None:
                 images, labels = augment_batch(augment, images, labels, derive_seed(seed, 1, step))
             # -- one optimizer step ---------------------------------------------------------------
-            logits = model(images)
-            loss = loss_fn(logits, labels)
+            if dist_info.enabled:  # this rank's share of the batch, weighted by its size (DDP averages)
+                share = torch.arange(len(images))[dist_info.rank :: dist_info.world_size]
+                weight = max(len(share), 1) * dist_info.world_size / len(images)
+                if len(share) == 0:  # a short last batch: stay in step with the others, contribute nothing
+                    share, weight = torch.arange(1), 0.0
+                images, labels = images[share], labels[share]
+            else:
+                weight = 1.0
+            logits = forward(images)
+            loss = loss_fn(logits, labels) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -304,7 +326,9 @@ def train_base(
             extra["loss_count"] += 1
             smoothed_loss = loss_value if smoothed_loss is None else 0.9 * smoothed_loss + 0.1 * loss_value
             record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
-            # -- end of an epoch: validate, log, keep the best --------------------------------------
+            # -- end of an epoch: validate, log, keep the best (rank 0) ------------------------------
+            if not main:
+                continue
             if step % steps_per_epoch == 0 or step == total_steps:
                 val_dice = _validation_dice(model, dataset_val, eval_batch_size)
                 model.train()
@@ -338,6 +362,9 @@ def train_base(
                 callback(step, record)
     finally:
         bar.close()
+    distributed.barrier()
+    if not main:
+        return best_path
     write_json(
         out_dir / "summary.json",
         {
