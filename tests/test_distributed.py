@@ -115,3 +115,23 @@ def test_base_training_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(predict_logits(two, data.images), predict_logits(one, data.images),
                                rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE)
     assert (tmp_path / "two" / "train_log.jsonl").read_text().count("\n") == 3  # rank 0 alone logs: epochs end at steps 5, 10, 12
+
+
+def test_sharded_proposal_generation_reads_back_as_one_bank(tmp_path):
+    """What each torchrun rank of `rndpo propose` does: its shard of the pool into shard_<rank>/."""
+    from rndpo.config import ProposalConfig
+    from rndpo.proposals import generate_proposals
+
+    data = make_synthetic(SyntheticConfig(n_images=11, size=32, seed=2))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels=(8, 16), dropout=0.0), spatial_dims=2, in_channels=1, num_classes=2)
+    cfg = ProposalConfig(mc_dropout=0, tta=("hflip",), thresholds=(0.45, 0.55), morphology=("dilate:1",))
+    whole = generate_proposals(model, data.images, cfg, bank_path=tmp_path / "whole", case_ids=data.case_ids,
+                               progress=False)
+    for rank in range(3):
+        generate_proposals(model, data.images, cfg, bank_path=tmp_path / "sharded", case_ids=data.case_ids,
+                           progress=False, shard=(rank, 3))
+    sharded = ProposalBank.open(tmp_path / "sharded")
+    assert sharded.num_shards == 3 and sharded.case_ids == whole.case_ids
+    for i in range(len(whole)):
+        np.testing.assert_array_equal(sharded.masks(i), whole.masks(i))

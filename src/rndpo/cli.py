@@ -256,9 +256,20 @@ def propose_command(
     cfg = _proposal_cfg(mc_dropout, tta, thresholds, morphology, checkpoints, include_base, batch_size, seed)
     network, meta, checkpoint, size = _load_base(model, size)
     subset = _load_split(data, size, splits, split, meta, masks=False)
+    from rndpo.training import distributed
+
+    dist_info = distributed.init()  # torchrun: one bank shard per rank, read back as one bank
+    shard = (dist_info.rank, dist_info.world_size) if dist_info.enabled else None
     bank = generate_proposals(network, subset.images, cfg, snapshots=_snapshots(checkpoint, checkpoints), bank_path=out,
-                              case_ids=subset.case_ids, overwrite=overwrite,
+                              case_ids=subset.case_ids, overwrite=overwrite, shard=shard, progress=dist_info.rank == 0,
                               meta={"model": str(checkpoint), "data": data, "splits": str(splits), "split": split, "size": size})
+    distributed.barrier()
+    if dist_info.rank != 0:
+        return
+    if shard is not None:
+        from rndpo.bank import ProposalBank
+
+        bank = ProposalBank.open(out)
     Console().print(_stats_table(f"{len(bank)} images, K = {bank.k_max} → {out}", bank.meta["proposal_stats"]))
 
 

@@ -439,6 +439,7 @@ def generate_proposals(
     progress: bool = True,
     meta: dict | None = None,
     overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
 ):
     """Generate K proposals per image and write them, with their generator names, to a proposal bank.
 
@@ -452,6 +453,10 @@ def generate_proposals(
         progress: show a rich progress bar.
         meta: extra provenance stored in the bank's metadata (checkpoint, split, ...).
         overwrite: replace an existing bank at ``bank_path``.
+        shard: ``(rank, world_size)`` under torchrun: this process generates the images
+            ``rank::world_size`` into ``ProposalBank.shard_path(bank_path, rank)``; once every rank has
+            written its shard, ``ProposalBank.open(bank_path)`` reads them as one bank (this call then
+            returns ``None``).
 
     Returns:
         the written :class:`rndpo.bank.ProposalBank`. ``k_max`` is the configured K; each image keeps
@@ -471,20 +476,27 @@ def generate_proposals(
     name_ids = {name: i for i, name in enumerate(names)}
     stats = ProposalStats()
     start = time.perf_counter()
+    rank, world_size = shard or (0, 1)
+    positions = np.arange(n)[rank::world_size]
+    target = ProposalBank.shard_path(bank_path, rank) if shard else bank_path
     writer = ProposalBank.create(
-        bank_path, case_ids=list(case_ids), spatial_shape=tuple(int(s) for s in images.shape[2:]),
+        target, case_ids=list(case_ids), spatial_shape=tuple(int(s) for s in images.shape[2:]),
         num_classes=_infer_num_classes(model, images), k_max=len(names), generators=names,
         meta={"proposal_config": cfg.model_dump(mode="json"), **(meta or {})},
         dedupe=False,  # done here, so the duplicates can be counted per generator
         overwrite=overwrite,
+        shard=shard,
     )
     with writer:
         index = 0
-        for masks, generators, removed in iter_proposals(model, images, cfg, snapshots=snapshots, progress=progress):
+        for masks, generators, removed in iter_proposals(model, images[positions] if shard else images, cfg,
+                                                         snapshots=snapshots, progress=progress):
             for mask_set, generator_set in zip(masks, generators):
-                writer.add(index, mask_set, np.array([name_ids[g] for g in generator_set], dtype=np.int16))
+                writer.add(int(positions[index]), mask_set, np.array([name_ids[g] for g in generator_set], dtype=np.int16))
                 index += 1
             _record(stats, masks, removed)
         stats.seconds = time.perf_counter() - start
         writer.meta["proposal_stats"] = stats.as_dict()
+    if shard is not None:
+        return None  # a shard alone is not a bank: open bank_path once every rank has written its shard
     return ProposalBank.open(bank_path)
