@@ -504,7 +504,7 @@ def train_base_command(
     if dist_info.rank != 0:
         return
     model, meta = load_model(best)
-    results = {name: evaluate(model, dataset.select(getattr(splits, name)), hd95=name == "test")
+    results = {name: evaluate(model, dataset.select(getattr(splits, name)))
                for name in ("val", "test") if getattr(splits, name)}
     write_json(run / "base" / "eval.json", {"checkpoint": str(best), "step": meta.get("step"), **results})
     console.print(_metrics_table(f"base model {best} (step {meta.get('step')})", results))
