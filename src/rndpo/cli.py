@@ -352,6 +352,7 @@ def audit_command(
     mined-pair correctness and |D| of right vs wrong pairs (table, audit.json, audit_regions.png)."""
     from pathlib import Path
 
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -394,21 +395,25 @@ def audit_command(
     write_json(folder / "audit.json", summary)
     plot_region_histogram(outcomes, folder / "audit_regions.png")
 
-    table = Table(title=f"judge audit on {split} ({len(bank)} images, {int(bank.num_proposals.sum())} proposals)")
-    for column in ("judge", "Spearman pooled", "Spearman within", "pairwise acc", "top-1 regret", "pairs correct",
-                   "|D| right", "|D| wrong", "s"):
-        table.add_column(column, justify="left" if column == "judge" else "right")
+    first = next(iter(results.values()))
+    table = Table(title=f"judge audit on {split}: {len(bank)} images, {int(bank.num_proposals.sum())} proposals, "
+                        f"{first['pairs']['count']} {strategy} pairs", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("judge", "ρ all", "ρ img", "acc", "regret", "pairs ok", "|D| ok", "|D| bad", "s"):
+        table.add_column(column, justify="left" if column == "judge" else "right", no_wrap=True)
     for label, audit in results.items():
         pairs = audit["pairs"]
         table.add_row(label, f"{audit['spearman_pooled']:.3f}", f"{audit['spearman_within']:.3f}",
-                      f"{audit['pairwise_accuracy']:.3f}", f"{audit['top1_regret']:.4f}",
-                      f"{pairs['fraction_correct']:.3f} of {pairs['count']}",
+                      f"{audit['pairwise_accuracy']:.3f}", f"{audit['top1_regret']:.3f}", f"{pairs['fraction_correct']:.3f}",
                       f"{pairs['region_right'].get('median', float('nan')):.0f}",
-                      f"{pairs['region_wrong'].get('median', float('nan')):.0f}", f"{audit['judge_seconds']:.1f}")
+                      f"{pairs['region_wrong'].get('median', float('nan')):.0f}", f"{audit['judge_seconds']:.0f}")
     console = Console()
+    if not console.is_terminal:  # a log file: no need to squeeze the table into 80 columns
+        console = Console(width=120)
     console.print(table)
-    console.print(f"mean true Dice {next(iter(results.values()))['mean_dice']:.3f}, best per image "
-                  f"{next(iter(results.values()))['best_dice']:.3f}; |D| columns are medians. → {folder / 'audit.json'}")
+    console.print(f"ρ all / ρ img: Spearman with true Dice, pooled / mean within image; acc: within-image pairs ordered "
+                  f"right; regret: top-1 Dice regret; pairs ok: mined pairs whose chosen is truly better; |D| ok / bad: "
+                  f"median pixels of right / wrong pairs. Mean true Dice "
+                  f"{first['mean_dice']:.3f}, best per image {first['best_dice']:.3f} → {folder / 'audit.json'}", highlight=False)
 
 
 @app.command("report")
