@@ -207,9 +207,19 @@ class Experiment:
             self._dataset = load_dataset(self.cfg.data)
         return self._dataset
 
-    def _base_parts(self, seed: int) -> tuple:
+    def _parts(self, seed: int, *, proposals: bool = False, judge: JudgeConfig | None = None,
+               mining: MiningConfig | None = None) -> tuple:
+        """The seeded config parts a stage depends on (its cache key): base ⊂ bank ⊂ scores ⊂ pairs."""
         cfg = self.cfg
-        return (cfg.data, cfg.split.model_copy(update={"seed": seed}), cfg.model, cfg.base.model_copy(update={"seed": seed}))
+        seeded = lambda part: part.model_copy(update={"seed": seed})  # noqa: E731
+        parts: tuple = (cfg.data, seeded(cfg.split), cfg.model, seeded(cfg.base))
+        if proposals or judge is not None:
+            parts += (seeded(cfg.proposals),)
+        if judge is not None:
+            parts += (seeded(judge),)
+        if mining is not None:
+            parts += (seeded(mining),)
+        return parts
 
     def base(self, seed: int) -> BaseStage:
         """Split the data and train the base segmenter for ``seed`` (cached)."""
@@ -229,7 +239,7 @@ class Experiment:
             test = evaluate(_load(folder / "best.safetensors"), data.select(splits.test), hd95=True)
             return {"counts": splits.counts, "test_dice": test["dice"], "test_iou": test["iou"], "test_hd95": test["hd95"]}
 
-        folder = self._stage("base", self._base_parts(seed), build)
+        folder = self._stage("base", self._parts(seed), build)
         splits = Splits.load(folder / "splits.json")
         stage = BaseStage(folder, splits, data.select(splits.labeled), data.select(splits.pool),
                           data.select(splits.val), data.select(splits.test))
@@ -256,7 +266,7 @@ class Experiment:
                 out[split] = bank.meta.get("proposal_stats", {})
             return out
 
-        folder = self._stage("bank", (*self._base_parts(seed), proposals), build)
+        folder = self._stage("bank", self._parts(seed, proposals=True), build)
         return folder, ProposalBank.open(folder / "pool"), ProposalBank.open(folder / "val")
 
     def scores(self, seed: int, judge: JudgeConfig) -> tuple[Path, np.ndarray, dict]:
@@ -292,8 +302,7 @@ class Experiment:
             })
             return {"judge": judge.label, "pairwise_accuracy": audit["pairwise_accuracy"]}
 
-        folder = self._stage("scores", (*self._base_parts(seed), self.cfg.proposals.model_copy(update={"seed": seed}),
-                                        judge), build)
+        folder = self._stage("scores", self._parts(seed, judge=judge), build)
         scores, _ = load_scores(folder / "pool_scores.npy")
         return folder, scores, read_json(folder / "audit.json")
 
@@ -328,8 +337,7 @@ class Experiment:
             self._write_gallery(folder / "gallery.npz", pairs, right, wrong, base, pool_bank)
             return {"pairs": len(pairs)}
 
-        folder = self._stage("pairs", (*self._base_parts(seed), self.cfg.proposals.model_copy(update={"seed": seed}),
-                                       judge.model_copy(update={"seed": seed}), mining), build)
+        folder = self._stage("pairs", self._parts(seed, judge=judge, mining=mining), build)
         return folder, Pairs.load(folder / "pairs.npz"), np.load(folder / "truly_better.npy")
 
     def _write_gallery(self, path: Path, pairs, right, wrong, base: BaseStage, bank) -> None:
@@ -492,8 +500,7 @@ class Experiment:
         return rows
 
     def _audit_path(self, seed: int, judge: JudgeConfig) -> Path | None:
-        key = config_hash(*self._base_parts(seed), self.cfg.proposals.model_copy(update={"seed": seed}),
-                          judge.model_copy(update={"seed": seed}))
+        key = config_hash(*self._parts(seed, judge=judge))
         path = self.run_dir / "stages" / f"scores-{key}" / "audit.json"
         return path if path.exists() else None
 
