@@ -362,7 +362,8 @@ def train_base(
                 callback(step, record)
     finally:
         bar.close()
-    distributed.barrier()
+    if dist_info.enabled:  # (a process group may exist without this run being distributed: rndpo run's stages)
+        distributed.barrier()
     if not main:
         return best_path
     write_json(
