@@ -11,7 +11,6 @@ reset after the inputs are built, on CPU; ``torch.cuda.max_memory_allocated`` on
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess

@@ -65,7 +65,7 @@ def tables(rows: list[dict]) -> str:
                 out.append("| " + " | ".join([label, mining] + [fmt(cell.get(m, [])) for m in METHODS]) + " |")
     betas = defaultdict(list)
     for r in selected:
-        if r.get("beta") not in (None, ""):
+        if r.get("beta") not in (None, "") and float(r["beta"]) == float(r["beta"]):  # objectives only
             betas[(r["method"], r["judge"], r["mining"])].append(float(r["beta"]))
     out.append("\n**β chosen on val** (per seed)\n")
     out.append("| method | judge | mining | β |")

@@ -11,7 +11,6 @@ import torch
 
 from rndpo.bank import ProposalBank
 from rndpo.config import MiningConfig
-from rndpo.errors import RndpoError
 from rndpo.mining import COUNT_KEYS, Pairs, attach_reference, mine, mine_pairs
 from rndpo.objectives import mask_logratio
 

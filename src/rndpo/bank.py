@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
