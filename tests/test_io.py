@@ -38,3 +38,12 @@ def test_jsonl_reader_ignores_a_truncated_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 5}\n{"step": 1')
     assert read_jsonl(path) == [{"step": 0}, {"step": 5}]
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    write_json(tmp_path / "x.json", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask

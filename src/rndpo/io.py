@@ -17,6 +17,8 @@ import yaml
 __all__ = ["atomic_path", "write_json", "read_json", "write_yaml", "read_yaml", "append_jsonl", "read_jsonl", "to_jsonable"]
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _HOST = "".join(c if c.isalnum() else "-" for c in socket.gethostname()) or "host"
 
 
@@ -38,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result the usual mode
         os.replace(tmp, target)
         _remove_stale_temporaries(target)
     finally:
