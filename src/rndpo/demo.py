@@ -1,6 +1,6 @@
 """The configuration of ``rndpo demo``: the whole pipeline on the embedded synthetic data.
 
-``demo_config()`` finishes in about 3 minutes on 2 CPU cores, ``demo_config(quick=True)`` in well under
+``demo_config()`` finishes in about 100 s on 2 idle CPU cores, ``demo_config(quick=True)`` in well under
 a minute (the tests run it). ``rndpo demo --print-config`` prints either as YAML, a starting point
 for ``rndpo run``.
 """
