@@ -252,6 +252,7 @@ def finetune(
         start, extra = load_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler)
         if step_loss.teacher is not None:
             step_loss.teacher.load_state_dict(extra["teacher"])
+        running: dict[str, list[float]] = {k: list(v) for k, v in (extra.get("running") or {}).items()}
         if main_rank:
             rewind_jsonl(metrics_path, start)
         records = read_jsonl(metrics_path) if metrics_path.exists() else []
@@ -260,6 +261,7 @@ def finetune(
         if main_rank and metrics_path.exists():
             metrics_path.unlink()
         records = []
+        running = {}  # training statistics since the last evaluation (kept in the checkpoint)
 
     def set_modes() -> None:
         model.eval()  # norms in inference mode; dropout only if asked (deterministic logits by default)
@@ -273,7 +275,6 @@ def finetune(
         append_jsonl(metrics_path, record)
         records.append(record)
 
-    running: dict[str, list[float]] = {}
     bar = _progress(progress and main_rank, total, start, cfg.method)
     steps_this_call = 0
     for step in range(start, total):
@@ -313,7 +314,9 @@ def finetune(
             if bar is not None:
                 bar.note(dice=record.get("test/dice", record.get("val/dice")))
         if main_rank and (done % cfg.checkpoint_every == 0 or done == total):
-            extra = {"teacher": step_loss.teacher.state_dict()} if step_loss.teacher is not None else None
+            extra = {"running": running}
+            if step_loss.teacher is not None:
+                extra["teacher"] = step_loss.teacher.state_dict()
             save_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler, step=done, extra=extra)
     if bar is not None:
         bar.close()
