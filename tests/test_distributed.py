@@ -135,3 +135,38 @@ def test_sharded_proposal_generation_reads_back_as_one_bank(tmp_path):
     assert sharded.num_shards == 3 and sharded.case_ids == whole.case_ids
     for i in range(len(whole)):
         np.testing.assert_array_equal(sharded.masks(i), whole.masks(i))
+
+
+def test_rndpo_run_under_torchrun_matches_one_process(tmp_path):
+    """`rndpo run` launched by torchrun: rank 0 builds the stages alone (no deadlock with the other
+    rank waiting on the stage lock), both ranks fine-tune each cell, results equal a 1-process run."""
+    import csv
+
+    import yaml
+
+    from rndpo.demo import demo_config
+
+    cfg = demo_config(quick=True).model_dump(mode="json")
+    cfg["judges"] = ["oracle"]
+    cfg["methods"] = ["base", {"method": "rn-dpo", "betas": [1.0]}]
+    cfg["base"]["steps"] = 20
+    cfg["model"]["dropout"] = 0.0
+    cfg["proposals"]["mc_dropout"] = 0
+    cfg["finetune"].update(steps=4, eval_every=2)
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "rndpo.cli", "--threads", "1", "run", str(config), "--out", str(out), "--no-report",
+                   "--no-progress"]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(out / "results.csv") as handle:
+            results[nproc] = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(results[2]) == {"base", "rn-dpo"}
+    for method in ("base", "rn-dpo"):
+        for key in ("peak", "final"):
+            assert abs(float(results[2][method][key]) - float(results[1][method][key])) <= DICE_TOLERANCE
