@@ -355,9 +355,9 @@ def attach_reference(
     """Fill the reference columns of ``pairs`` from the base model's logits (once per pair).
 
     One forward pass per image (``batch_size`` images at a time); every pair of those images is scored
-    from their logits (``image_index``, no copies of the logits) with :func:`rndpo.objectives.mask_logratio` (``ref_logratio``) and
-    :func:`rndpo.objectives.mask_logps` (``ref_chosen_logp``, ``ref_rejected_logp``, log-probabilities
-    restricted to D).
+    from their logits (``image_index``, no copies of the logits) with :func:`rndpo.objectives.mask_logps`:
+    ``ref_chosen_logp`` and ``ref_rejected_logp`` (log-probabilities restricted to D) and their
+    difference ``ref_logratio``.
 
     Args:
         pairs: mined pairs (case indices into ``bank`` and ``images``).
@@ -376,7 +376,7 @@ def attach_reference(
         RndpoError: images that do not match the bank, logits of the wrong shape, or a recomputed
             |D| that disagrees with ``pairs.region`` (pairs mined from another bank).
     """
-    from rndpo.objectives import mask_logps, mask_logratio
+    from rndpo.objectives import mask_logps
 
     if int(batch_size) < 1 or int(pair_chunk) < 1:
         raise RndpoError(f"batch_size and pair_chunk must be ≥ 1, got {batch_size}, {pair_chunk}")
@@ -403,8 +403,10 @@ def attach_reference(
             chosen = torch.stack([masks[int(pairs.case_index[r])][int(pairs.chosen[r])] for r in chunk])
             rejected = torch.stack([masks[int(pairs.case_index[r])][int(pairs.rejected[r])] for r in chunk])
             index = torch.from_numpy(image_index)
-            logratio, region = mask_logratio(logits, chosen, rejected, image_index=index)
-            chosen_logp, rejected_logp, _ = mask_logps(logits, chosen, rejected, image_index=index)
+            # one gather of D for both terms, computed as the trainer computes the policy's (so the
+            # DPO logit of an unchanged policy is exactly 0)
+            chosen_logp, rejected_logp, region = mask_logps(logits, chosen, rejected, image_index=index)
+            logratio = chosen_logp - rejected_logp
             if not np.array_equal(region.numpy(), pairs.region[chunk]):
                 bad = int(pairs.case_index[chunk][np.flatnonzero(region.numpy() != pairs.region[chunk])[0]])
                 raise RndpoError(f"pairs of image {bank.case_ids[bad]!r} disagree with the bank {bank.path} "
