@@ -67,6 +67,36 @@ def test_rerun_skips_finished_cells_and_stages(demo_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in demo_run.glob("**/done.json")} == before
 
 
+def test_shared_stages_reuse_base_proposals_and_scores_of_another_run(demo_run, tmp_path, capsys):
+    """A longer fine-tuning sweep in its own run folder builds no stage: `--stages` points at the demo's."""
+    config = tmp_path / "longer.yaml"
+    cfg = demo_config(quick=True).model_dump(mode="json")
+    cfg["methods"] = ["base", {"method": "rn-dpo", "betas": [1.0], "lrs": [1e-3]}]
+    cfg["judges"] = ["oracle"]
+    cfg["finetune"]["steps"] = 6
+    cfg["finetune"]["eval_every"] = 2
+    config.write_text(yaml.safe_dump(cfg))
+    stages = demo_run / "stages"
+    before = sorted(p.name for p in stages.iterdir())
+    run = tmp_path / "longer"
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(run), "--stages", str(stages), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "building" not in err and "[run]" in err
+    assert sorted(p.name for p in stages.iterdir()) == before  # nothing new in the shared folder
+    assert (run / "stages").is_symlink() and (run / "stages").resolve() == stages.resolve()
+    rows = {r["method"]: r for r in read_rows(run)}
+    demo_base = next(r for r in read_rows(demo_run) if r["method"] == "base")
+    assert float(rows["base"]["peak"]) == pytest.approx(float(demo_base["peak"]))  # the same base model
+    assert int(rows["rn-dpo"]["steps"]) == 6 and float(rows["rn-dpo"]["lr"]) == pytest.approx(1e-3)
+    assert float(rows["rn-dpo"]["judge_accuracy"]) == pytest.approx(1.0)  # audit read through the link
+
+    # a run folder that keeps its own stages refuses another stage folder, with one line
+    other = tmp_path / "other-stages"
+    assert main(["run", str(config), "--out", str(demo_run), "--stages", str(other), "--no-progress"]) == 1
+    assert "already keeps its stages" in capsys.readouterr().err
+
+
 def test_list_and_single_cell(tmp_path, capsys):
     config = tmp_path / "exp.yaml"
     cfg = demo_config(quick=True).model_dump(mode="json")

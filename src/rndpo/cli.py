@@ -582,7 +582,8 @@ def _console_log(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _run_experiment(cfg, out: str | None, *, cells: list[int] | None, report: bool, progress: bool) -> None:
+def _run_experiment(cfg, out: str | None, *, cells: list[int] | None, report: bool, progress: bool,
+                    stages: str | None = None) -> None:
     from rndpo.experiment import Experiment
     from rndpo.report import format_results_table, write_report
 
@@ -591,7 +592,8 @@ def _run_experiment(cfg, out: str | None, *, cells: list[int] | None, report: bo
     dist_info = distributed.init()  # a process group when launched by torchrun, else nothing
     run_dir = Path(out or Path("runs") / cfg.name)
     main_rank = dist_info.rank == 0
-    experiment = Experiment(cfg, run_dir, log=_console_log if main_rank else None, progress=progress and main_rank)
+    experiment = Experiment(cfg, run_dir, log=_console_log if main_rank else None, progress=progress and main_rank,
+                            stages_dir=stages)
     total = len(experiment.cells())
     if cells:
         bad = [i for i in cells if not 0 <= i < total]
@@ -615,6 +617,9 @@ def run_command(
     cell: Optional[list[int]] = typer.Option(None, "--cell", help="Run only these cell indices (repeatable)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report/ when done."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    stages: Optional[str] = typer.Option(
+        None, "--stages", help="Shared stage folder (default RUN/stages): reuse the base models, proposals, "
+                               "scores and pairs of another run whose config parts match."),
 ) -> None:
     """Run every cell of an experiment (finished cells and cached stages are skipped)."""
     from rndpo.experiment import plan_cells, read_config
@@ -624,7 +629,7 @@ def run_command(
         for item in plan_cells(cfg):
             typer.echo(item.describe())
         return
-    _run_experiment(cfg, out, cells=cell, report=report, progress=progress)
+    _run_experiment(cfg, out, cells=cell, report=report, progress=progress, stages=stages)
 
 
 @app.command("demo")

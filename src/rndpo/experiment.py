@@ -147,10 +147,17 @@ class Experiment:
         run_dir: the run folder (created); several processes may share it.
         log: callable receiving one-line progress messages (the CLI prints them); default silent.
         progress: show progress bars of the stages and fine-tuning.
+        stages_dir: keep the stages in this folder instead of ``RUN/stages`` (``RUN/stages`` becomes a
+            link to it). Another run folder that names the same ``stages_dir`` reuses every stage whose
+            config parts match, e.g. a longer fine-tuning sweep on the published base models, proposals
+            and judge scores. Stages are keyed by content and built under file locks, so sharing is safe.
+
+    Raises:
+        RndpoError: ``RUN/stages`` already exists and is not ``stages_dir``.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, *, log: Callable[[str], None] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, stages_dir: str | Path | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = log or (lambda message: None)
@@ -158,6 +165,8 @@ class Experiment:
         self._dataset: SegDataset | None = None
         self._cache: dict[str, Any] = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if stages_dir is not None:
+            _link_stages(self.run_dir / "stages", Path(stages_dir))
         if not distributed.is_main():
             return
         config_path = self.run_dir / "config.yaml"
@@ -503,6 +512,21 @@ class Experiment:
         key = config_hash(*self._parts(seed, judge=judge))
         path = self.run_dir / "stages" / f"scores-{key}" / "audit.json"
         return path if path.exists() else None
+
+
+def _link_stages(link: Path, target: Path) -> None:
+    """Make ``link`` (``RUN/stages``) point at the shared stage folder ``target`` (created)."""
+    if link.is_symlink() or link.exists():
+        if link.resolve() == target.resolve():
+            return
+        raise RndpoError(f"run folder {link.parent} already keeps its stages in {link.resolve()}, not in {target}; "
+                         "use another run folder or the same stages folder")
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    except FileExistsError:  # another process linked it meanwhile
+        if link.resolve() != target.resolve():
+            raise RndpoError(f"run folder {link.parent} already keeps its stages in {link.resolve()}") from None
 
 
 def _load(path: Path) -> torch.nn.Module:
