@@ -1,6 +1,6 @@
 """Publish study runs into docs/: raw CSVs, small figures and the Markdown tables RESULTS.md quotes.
 
-    python scripts/publish_study.py runs/study-busbra runs/study-hc18
+    python scripts/publish_study.py runs/study-busbra runs/study-hc18 runs/study-busbra-long runs/study-hc18-long
 
 For each run folder: ``rndpo report`` is (re)written, then
 - ``docs/results/<dataset>.csv`` (results.csv: every cell, every β), ``<dataset>_agg.csv`` (mean ± std over
@@ -89,7 +89,9 @@ def audits(run: Path) -> list[dict]:
 def publish(run: Path) -> None:
     write_report(run)
     rows = read_results(run)
-    dataset = rows[0]["dataset"]
+    # files are named by the experiment: study-busbra → busbra, study-busbra-long → busbra-long
+    name = yaml.safe_load((run / "config.yaml").read_text()).get("name") or rows[0]["dataset"]
+    dataset = name.removeprefix("study-")
     results, figures = DOCS / "results", DOCS / "figures"
     results.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,8 @@ def publish(run: Path) -> None:
     for name, target in (("curves_all.png", "curves"), ("region_hist.png", "region_hist")):
         if (report / name).exists():
             shutil.copy(report / name, figures / f"{dataset}_{target}.png")
-    for regime in ("oracle-top-vs-rest", "agreement-top-vs-rest"):
+    mining = "top-vs-rest" if any(r["mining"] == "top-vs-rest" for r in rows) else "random-pairs"
+    for regime in (f"oracle-{mining}", f"oracle-gaussian-0.2-{mining}", f"agreement-{mining}"):
         for path in report.glob(f"beta_*-{regime}.png"):
             shutil.copy(path, figures / f"{dataset}_beta_{regime}.png")
     (results / f"{dataset}_tables.md").write_text(tables(rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import yaml
 from rndpo.cli import main
 from rndpo.config import ExperimentConfig
 from rndpo.demo import demo_config
-from rndpo.experiment import plan_cells
+from rndpo.experiment import PER_CASE_FILE, plan_cells, read_per_case
+from rndpo.stats import CASE_METRIC
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -65,6 +67,33 @@ def test_rerun_skips_finished_cells_and_stages(demo_run, capsys):
     err = capsys.readouterr().err
     assert "building" not in err and "[run]" not in err
     assert {p: p.stat().st_mtime_ns for p in demo_run.glob("**/done.json")} == before
+
+
+def test_every_cell_keeps_per_case_test_dice_and_comparisons_use_them(demo_run, capsys):
+    rows = read_rows(demo_run)
+    for cell_id in {r["cell_id"] for r in rows}:
+        folder = demo_run / "cells" / cell_id
+        per_case = read_per_case(folder / PER_CASE_FILE)
+        done = json.loads((folder / "done.json").read_text())
+        assert len(per_case) == 24  # the quick demo's test split
+        assert sum(per_case.values()) / len(per_case) == pytest.approx(done["final"], abs=1e-6)
+    with open(demo_run / "comparisons.csv") as handle:
+        cases = [r for r in csv.DictReader(handle) if r["metric"] == CASE_METRIC]
+    assert {r["comparison"] for r in cases} >= {"rn-dpo − dpo", "dpo − base"}
+    assert all(r["n_cases"] == "24" for r in cases)
+
+    # a cell finished before per-case files existed gets one from its final weights on the next run
+    cell = next(demo_run.glob("cells/rn-dpo_*"))
+    before = (cell / PER_CASE_FILE).read_text()
+    (cell / PER_CASE_FILE).unlink()
+    assert main(["demo", "--quick", "--out", str(demo_run), "--no-progress"]) == 0
+    after = read_per_case(cell / PER_CASE_FILE)
+    assert after == pytest.approx(read_per_case_text(before), abs=1e-6)
+    assert "[run]" not in capsys.readouterr().err
+
+
+def read_per_case_text(text: str) -> dict[str, float]:
+    return {row["case_id"]: float(row["dice"]) for row in csv.DictReader(text.splitlines())}
 
 
 def test_shared_stages_reuse_base_proposals_and_scores_of_another_run(demo_run, tmp_path, capsys):

@@ -10,8 +10,11 @@ import pytest
 from rndpo.stats import (
     METHOD_ORDER,
     RN_PAIRS,
+    CASE_METRIC,
     aggregate,
+    case_comparisons,
     comparisons,
+    hierarchical_bootstrap,
     method_sort_key,
     paired_bootstrap,
     select_beta,
@@ -258,6 +261,90 @@ def test_comparisons_pair_only_shared_seeds_and_skip_missing_partners():
     assert len(out) == 1  # no rn-ipo, no base: only rn-dpo − dpo
     assert out[0]["n"] == 2 and out[0]["seeds"] == "1 2"
     assert out[0]["mean_diff"] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- per-case comparisons
+
+
+def test_hierarchical_bootstrap_constant_and_mean_of_seed_means():
+    a = [np.full(5, 0.8), np.full(50, 0.6)]
+    b = [np.full(5, 0.7), np.full(50, 0.7)]
+    result = hierarchical_bootstrap(a, b, n_boot=500)
+    # the estimate weighs seeds equally (not cases): (0.1 + (-0.1)) / 2 = 0, not the pooled -0.082
+    assert result["mean_diff"] == pytest.approx(0.0, abs=1e-12)
+    assert result["n"] == 2 and result["n_cases"] == 55
+    same = hierarchical_bootstrap([np.full(7, 0.9)] * 3, [np.full(7, 0.85)] * 3, n_boot=200)
+    assert same["lo"] == pytest.approx(0.05) and same["hi"] == pytest.approx(0.05)
+    assert same["p_value_two_sided"] == pytest.approx(2 / 201)
+
+
+def test_hierarchical_bootstrap_one_seed_is_the_case_bootstrap():
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.02, 0.1, 400)
+    one = hierarchical_bootstrap([d], [np.zeros(400)], n_boot=4000)
+    flat = paired_bootstrap(d, np.zeros(400), n_boot=4000)
+    assert one["mean_diff"] == pytest.approx(flat["mean_diff"])
+    assert (one["hi"] - one["lo"]) == pytest.approx(flat["hi"] - flat["lo"], rel=0.1)
+    # and the width is the normal-theory one: 2 · 1.96 · sd / sqrt(n)
+    assert (one["hi"] - one["lo"]) == pytest.approx(2 * 1.96 * d.std(ddof=1) / np.sqrt(400), rel=0.1)
+
+
+def test_hierarchical_bootstrap_carries_seed_variance():
+    """Seeds that disagree widen the interval beyond a bootstrap that pools every case."""
+    rng = np.random.default_rng(0)
+    offsets = [-0.03, 0.0, 0.03]
+    a = [rng.normal(0.01 + o, 0.05, 300) for o in offsets]
+    b = [np.zeros(300)] * 3
+    two_level = hierarchical_bootstrap(a, b, n_boot=4000)
+    pooled = paired_bootstrap(np.concatenate(a), np.zeros(900), n_boot=4000)
+    assert two_level["mean_diff"] == pytest.approx(pooled["mean_diff"])
+    assert (two_level["hi"] - two_level["lo"]) > 3 * (pooled["hi"] - pooled["lo"])
+    assert two_level["lo"] < two_level["mean_diff"] < two_level["hi"]
+    assert hierarchical_bootstrap(a, b, n_boot=300, seed=5) == hierarchical_bootstrap(a, b, n_boot=300, seed=5)
+
+
+def test_hierarchical_bootstrap_drops_nan_and_validates():
+    result = hierarchical_bootstrap([np.array([0.5, np.nan, 0.7]), np.array([np.nan])],
+                                    [np.array([0.4, 0.1, 0.5]), np.array([0.2])], n_boot=100)
+    assert result["n"] == 1 and result["n_cases"] == 2
+    assert result["mean_diff"] == pytest.approx(0.15)
+    empty = hierarchical_bootstrap([], [], n_boot=10)
+    assert empty["n"] == 0 and math.isnan(empty["mean_diff"])
+    with pytest.raises(ValueError, match="same seeds"):
+        hierarchical_bootstrap([np.zeros(3)], [], n_boot=10)
+    with pytest.raises(ValueError, match="aligned by case"):
+        hierarchical_bootstrap([np.zeros(3)], [np.zeros(4)], n_boot=10)
+    with pytest.raises(ValueError, match="n_boot"):
+        hierarchical_bootstrap([np.zeros(3)], [np.zeros(3)], n_boot=0)
+
+
+def test_case_comparisons_match_cases_by_id_and_use_selected_cells():
+    def row(method, seed, cell, beta=None, val=0.5):
+        return {"dataset": "d", "judge": "j", "mining": "m", "method": method, "seed": seed, "beta": beta,
+                "lr": 1e-3, "cell_id": cell, "val_sustained": val, "final": 0.0}
+
+    rows = [row("base", 0, "b0"), row("base", 1, "b1"),
+            row("dpo", 0, "d0"), row("dpo", 1, "d1"),
+            row("rn-dpo", 0, "r0", beta=1.0, val=0.9), row("rn-dpo", 0, "r0-loser", beta=10.0, val=0.1),
+            row("rn-dpo", 1, "r1", beta=1.0)]
+    per_case = {
+        "b0": {"x": 0.5, "y": 0.6}, "b1": {"x": 0.5, "y": 0.5},
+        "d0": {"y": 0.7, "x": 0.6}, "d1": {"x": 0.6, "y": 0.6},            # dpo − base: +0.1 in every case
+        "r0": {"x": 0.9, "y": 0.8}, "r1": {"y": 0.6, "x": 0.7, "z": 1.0},  # z exists on one side only
+        "r0-loser": {"x": 0.0, "y": 0.0},                                 # not chosen on val: never read
+    }
+    out = {r["comparison"]: r for r in case_comparisons(rows, per_case, n_boot=300)}
+    assert set(out) == {"rn-dpo − dpo", "dpo − base", "rn-dpo − base"}
+    rn = out["rn-dpo − dpo"]
+    # seed 0: (0.3 + 0.1) / 2 = 0.2; seed 1: (0.1 + 0.0) / 2 = 0.05 (z ignored); mean of seeds 0.125
+    assert rn["mean_diff"] == pytest.approx(0.125) and rn["n"] == 2 and rn["n_cases"] == 4
+    assert rn["metric"] == CASE_METRIC and rn["seeds"] == "0 1"
+    assert out["dpo − base"]["mean_diff"] == pytest.approx(0.1)
+    assert out["dpo − base"]["lo"] == pytest.approx(0.1) and out["dpo − base"]["hi"] == pytest.approx(0.1)
+    # a seed whose cells lack per-case values is left out; no seed at all leaves the comparison out
+    partial = case_comparisons(rows, {k: v for k, v in per_case.items() if k not in ("d1",)}, n_boot=50)
+    assert {r["comparison"]: r["n"] for r in partial}["rn-dpo − dpo"] == 1
+    assert case_comparisons(rows, {}, n_boot=50) == []
 
 
 def test_small_helpers():

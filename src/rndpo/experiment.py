@@ -9,7 +9,7 @@ that produced it, built once under a file lock and reused by every cell that nee
     pairs    pairs mined from the pool scores, reference log-ratios attached   (scores + mining)
 
 A cell is (seed, judge, mining, method, β, lr): it fine-tunes a fresh copy of the base model into
-``RUN/cells/<cell_id>/`` (``config.yaml``, ``metrics.jsonl``, ``done.json``). Baselines that ignore
+``RUN/cells/<cell_id>/`` (``config.yaml``, ``metrics.jsonl``, ``done.json``, ``test_per_case.csv``). Baselines that ignore
 the judge (``base``, ``entropy-min``, ``mean-teacher``, ``oracle``) run once per seed, ``pseudo-label``
 once per (seed, judge); their row is repeated in every regime of ``results.csv`` so each table is
 complete. Rerunning skips finished cells and stages; ``cells()`` lists them for schedulers
@@ -43,7 +43,8 @@ from rndpo.io import atomic_path, read_json, write_json, write_yaml
 from rndpo.metrics import curve_summary, evaluate
 from rndpo.training import distributed
 
-__all__ = ["Cell", "Experiment", "plan_cells", "RESULT_COLUMNS", "read_config"]
+__all__ = ["Cell", "Experiment", "plan_cells", "RESULT_COLUMNS", "PER_CASE_FILE", "read_config", "read_per_case",
+           "write_per_case"]
 
 JUDGE_FREE = ("base", "entropy-min", "mean-teacher", "oracle")
 RESULT_COLUMNS = [
@@ -51,6 +52,11 @@ RESULT_COLUMNS = [
     "peak", "final", "sustained", "drop", "auc", "val_peak", "val_sustained", "val_final",
     "final_iou", "final_hd95", "pairs", "steps", "wall_s", "selected",
 ]
+
+
+#: Per finished cell: the final model's metrics on every test case (paired comparisons over cases).
+PER_CASE_FILE = "test_per_case.csv"
+PER_CASE_COLUMNS = ["case_id", "dice", "iou", "hd95"]
 
 
 def read_config(path: str | Path) -> ExperimentConfig:
@@ -436,8 +442,47 @@ class Experiment:
             return None
         final = evaluate(model, base.test, hd95=True)
         summary = self._summarise(cell, records, final, time.perf_counter() - start, extra)
+        write_per_case(folder / PER_CASE_FILE, final["per_case"])
         write_json(done, summary)
         return summary
+
+    def ensure_per_case(self, cell: Cell) -> Path | None:
+        """The final model's per-case test metrics of a finished cell, ``cells/<id>/test_per_case.csv``.
+
+        Cells run before this file existed get it here from their final weights (``state.safetensors``
+        saved at the last step; the base checkpoint for cells without fine-tuning steps). The recomputed
+        mean Dice must equal the cell's recorded final test Dice (to 1e-4), else nothing is written.
+
+        Returns:
+            The file, or ``None`` when the cell is unfinished, has no final weights, or does not match.
+        """
+        from rndpo.training.loop import load_state
+
+        folder = self.cell_dir(cell)
+        path, done = folder / PER_CASE_FILE, folder / "done.json"
+        if path.exists() or not done.exists() or not distributed.is_main():
+            return path if path.exists() else None
+        summary = read_json(done)
+        base = self.base(cell.seed)
+        model = _load(base.checkpoint)
+        state = folder / "state.safetensors"
+        if state.exists():
+            saved = load_state(state)
+            if int(saved["step"]) != int(summary.get("steps") or 0):
+                self.log(f"cell {cell.cell_id}: state.safetensors is from step {saved['step']}, not the final "
+                         f"step {summary.get('steps')}; no per-case results")
+                return None
+            model.load_state_dict(saved["model"])
+        elif int(summary.get("steps") or 0) != 0:
+            self.log(f"cell {cell.cell_id}: no final weights (state.safetensors); no per-case results")
+            return None
+        final = evaluate(model, base.test, hd95=True)
+        if abs(final["dice"] - float(summary["final"])) > 1e-4:
+            self.log(f"cell {cell.cell_id}: recomputed test Dice {final['dice']:.5f} differs from the recorded "
+                     f"final {float(summary['final']):.5f}; no per-case results")
+            return None
+        write_per_case(path, final["per_case"])
+        return path
 
     def _base_eval(self, base: BaseStage, eval_sets: dict) -> dict:
         """The step-0 evaluation, shared by every cell of the seed (computed once, kept in the base stage)."""
@@ -474,6 +519,7 @@ class Experiment:
             status = "done" if (self.cell_dir(cell) / "done.json").exists() else "run"
             self.log(f"cell {number}/{len(chosen)} {cell.describe()} [{status}]")
             self.run_cell(cell)
+            self.ensure_per_case(cell)
             if write_results:
                 self.write_results()
         return self.write_results() if write_results else []
@@ -512,6 +558,21 @@ class Experiment:
         key = config_hash(*self._parts(seed, judge=judge))
         path = self.run_dir / "stages" / f"scores-{key}" / "audit.json"
         return path if path.exists() else None
+
+
+def write_per_case(path: Path, per_case: list[dict]) -> None:
+    """Write :func:`~rndpo.metrics.evaluate`'s ``per_case`` records as CSV (atomically)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=PER_CASE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(per_case)
+
+
+def read_per_case(path: str | Path) -> dict[str, float]:
+    """``case_id → Dice`` from a ``test_per_case.csv``."""
+    with open(path, newline="") as handle:
+        return {row["case_id"]: float(row["dice"]) for row in csv.DictReader(handle)}
 
 
 def _link_stages(link: Path, target: Path) -> None:

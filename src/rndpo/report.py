@@ -9,7 +9,8 @@ contracts: ``results.csv``, ``cells/*/metrics.jsonl`` and ``done.json``, ``stage
     RUN/report/beta_grid.csv    every β, mean ± std over seeds (val and test)
     RUN/results.md              the same tables in Markdown, with links to report/*.png
     RUN/results_agg.csv         the main table: per regime and method, the β chosen on val, mean/std/n
-    RUN/comparisons.csv         paired (by seed) bootstrap differences, see :func:`rndpo.stats.comparisons`
+    RUN/comparisons.csv         paired (by seed) bootstrap differences, see :func:`rndpo.stats.comparisons`,
+                                and for final Dice over seeds × test cases (:func:`rndpo.stats.case_comparisons`)
 
 It works on whatever has finished: missing cells, one seed, no gallery or no audit are listed
 under "Missing" in the report instead of failing. Figures use matplotlib's Agg canvas directly (no
@@ -43,6 +44,7 @@ from rndpo.io import atomic_path, read_json, read_jsonl
 from rndpo.stats import (
     TEST_METRICS,
     aggregate,
+    case_comparisons,
     comparisons,
     method_sort_key,
     select_beta,
@@ -105,6 +107,8 @@ class RunContents:
     """(stage name, gallery.npz arrays, that stage's pairs audit or {})."""
     notes: list[str] = field(default_factory=list)
     """What is missing or was recomputed, in words (shown under "Missing" in the report)."""
+    per_case: dict[str, dict[str, float]] = field(default_factory=dict)
+    """cell_id → {case_id: final test Dice} (``cells/*/test_per_case.csv``, where present)."""
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -235,6 +239,7 @@ def load_run(run_dir: str | Path) -> RunContents:
             curves[str(cell_id)] = read_jsonl(path)
         except (OSError, ValueError) as error:
             notes.append(f"cell {cell_id}: metrics.jsonl unreadable ({error})")
+    per_case = _load_per_case(cells_dir, rows, notes)
     audits, pairs_audits, galleries = [], [], []
     stages = run_dir / "stages"
     stage_dirs = sorted(p for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
@@ -272,7 +277,31 @@ def load_run(run_dir: str | Path) -> RunContents:
         notes.append("no pairs audit (stages/pairs-*/pairs_audit.json): no |D| histograms")
     if not galleries:
         notes.append("no gallery (stages/pairs-*/gallery.npz)")
-    return RunContents(run_dir, rows, curves, audits, pairs_audits, galleries, notes)
+    return RunContents(run_dir, rows, curves, audits, pairs_audits, galleries, notes, per_case)
+
+
+def _load_per_case(cells_dir: Path, rows: list[dict], notes: list[str]) -> dict[str, dict[str, float]]:
+    """Final per-case test Dice of the selected cells (the ones comparisons use)."""
+    from rndpo.experiment import PER_CASE_FILE, read_per_case
+
+    out: dict[str, dict[str, float]] = {}
+    missing = 0
+    for row in selected_rows(rows) if rows else []:
+        cell_id = str(row.get("cell_id") or "")
+        path = cells_dir / cell_id / PER_CASE_FILE
+        if not cell_id or cell_id in out:
+            continue
+        if not path.is_file():
+            missing += 1
+            continue
+        try:
+            out[cell_id] = read_per_case(path)
+        except (OSError, ValueError, KeyError) as error:
+            notes.append(f"cell {cell_id}: {PER_CASE_FILE} unreadable ({error})")
+    if missing:
+        notes.append(f"{missing} selected cell(s) without {PER_CASE_FILE}: their comparisons have no per-case CI "
+                     "(`rndpo run` on the same config writes it from the final weights)")
+    return out
 
 
 # =============================================================================== tables
@@ -911,7 +940,8 @@ def write_report(run_dir: str | Path) -> Path:
         notes += _coverage_notes(rows)
 
     table = results_table(rows)
-    comps = sorted(comparisons(rows), key=_regime_key)  # stable: keeps the comparison order within a regime
+    # stable sort: keeps the comparison order within a regime; the per-case CIs of final Dice come last
+    comps = sorted(comparisons(rows) + case_comparisons(rows, run.per_case), key=_regime_key)
     chosen = selected_rows(rows) if rows else []
     regimes_all = _by_regime(sorted(rows, key=_regime_key))
     regimes_chosen = _by_regime(sorted(chosen, key=_regime_key))
@@ -1036,7 +1066,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     explanation = (
         "Paired by seed (same base model, proposals and pairs), bootstrap over seeds (10,000 resamples): "
-        "mean difference [95% percentile CI] and two-sided p; * = CI excludes 0. For drop, negative favours the first method."
+        "mean difference [95% percentile CI] and two-sided p; * = CI excludes 0. For drop, negative favours the first method. "
+        "'final (cases)': final test Dice paired by seed and test case, two-level bootstrap (seeds, then cases "
+        "within each seed), so its CI carries both training and test-set sampling variance; n = seeds."
     )
     h += ["<h2>Comparisons</h2>", f'<p class="note">{html.escape(explanation)}</p>']
     md += ["## Comparisons", "", explanation, ""]

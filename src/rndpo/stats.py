@@ -38,6 +38,9 @@ __all__ = [
     "select_beta",
     "selected_rows",
     "comparisons",
+    "hierarchical_bootstrap",
+    "case_comparisons",
+    "CASE_METRIC",
 ]
 
 #: Test-curve summaries compared between methods (``drop``: lower is better).
@@ -289,6 +292,22 @@ def selected_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
+def _comparison_plan(rows: Iterable[Mapping[str, Any]]):
+    """Yield ``(regime, method_a, method_b, kind, rows_a_by_seed, rows_b_by_seed)`` for the selected rows."""
+    regimes: dict[tuple, dict[str, dict[Any, dict]]] = {}
+    for row in selected_rows(rows):
+        key = tuple(row[k] for k in _REGIME_KEYS)
+        per_method = regimes.setdefault(key, {})
+        per_method.setdefault(str(row["method"]), {})[_group_key(row["seed"])] = row
+    for regime, per_method in regimes.items():
+        methods = sorted(per_method, key=method_sort_key)
+        plan = [(a, b, "region-normalised vs summed") for a, b in RN_PAIRS if a in per_method and b in per_method]
+        if "base" in per_method:
+            plan += [(m, "base", "vs base") for m in methods if m != "base"]
+        for method_a, method_b, kind in plan:
+            yield regime, method_a, method_b, kind, per_method[method_a], per_method[method_b]
+
+
 def comparisons(
     rows: Iterable[Mapping[str, Any]],
     *,
@@ -315,43 +334,168 @@ def comparisons(
         "vs base"), method_a, method_b, metric, n, seeds ("0 1 2"), mean_a, mean_b, mean_diff, lo, hi,
         p_value_two_sided``.
     """
-    chosen = selected_rows(rows)
-    regimes: dict[tuple, dict[str, dict[Any, dict]]] = {}
-    for row in chosen:
-        key = tuple(row[k] for k in _REGIME_KEYS)
-        per_method = regimes.setdefault(key, {})
-        per_method.setdefault(str(row["method"]), {})[_group_key(row["seed"])] = row
     out = []
-    for regime, per_method in regimes.items():
-        methods = sorted(per_method, key=method_sort_key)
-        plan = [(a, b, "region-normalised vs summed") for a, b in RN_PAIRS if a in per_method and b in per_method]
-        if "base" in per_method:
-            plan += [(m, "base", "vs base") for m in methods if m != "base"]
-        for method_a, method_b, kind in plan:
-            seeds = sorted(set(per_method[method_a]) & set(per_method[method_b]), key=lambda s: (s is None, s))
-            for metric in metrics:
-                values_a = np.array([to_float(per_method[method_a][s].get(metric)) for s in seeds])
-                values_b = np.array([to_float(per_method[method_b][s].get(metric)) for s in seeds])
-                stats = paired_bootstrap(values_a, values_b, n_boot=n_boot, ci=ci, seed=seed)
-                finite = np.isfinite(values_a) & np.isfinite(values_b)
-                out.append(
-                    {
-                        **dict(zip(_REGIME_KEYS, regime)),
-                        "comparison": f"{method_a} − {method_b}",
-                        "kind": kind,
-                        "method_a": method_a,
-                        "method_b": method_b,
-                        "metric": metric,
-                        "n": stats["n"],
-                        "seeds": " ".join(_format_seed(s) for s, ok in zip(seeds, finite) if ok),
-                        "mean_a": float(values_a[finite].mean()) if finite.any() else math.nan,
-                        "mean_b": float(values_b[finite].mean()) if finite.any() else math.nan,
-                        "mean_diff": stats["mean_diff"],
-                        "lo": stats["lo"],
-                        "hi": stats["hi"],
-                        "p_value_two_sided": stats["p_value_two_sided"],
-                    }
-                )
+    for regime, method_a, method_b, kind, rows_a, rows_b in _comparison_plan(rows):
+        seeds = sorted(set(rows_a) & set(rows_b), key=lambda s: (s is None, s))
+        for metric in metrics:
+            values_a = np.array([to_float(rows_a[s].get(metric)) for s in seeds])
+            values_b = np.array([to_float(rows_b[s].get(metric)) for s in seeds])
+            stats = paired_bootstrap(values_a, values_b, n_boot=n_boot, ci=ci, seed=seed)
+            finite = np.isfinite(values_a) & np.isfinite(values_b)
+            out.append(
+                {
+                    **dict(zip(_REGIME_KEYS, regime)),
+                    "comparison": f"{method_a} − {method_b}",
+                    "kind": kind,
+                    "method_a": method_a,
+                    "method_b": method_b,
+                    "metric": metric,
+                    "n": stats["n"],
+                    "seeds": " ".join(_format_seed(s) for s, ok in zip(seeds, finite) if ok),
+                    "mean_a": float(values_a[finite].mean()) if finite.any() else math.nan,
+                    "mean_b": float(values_b[finite].mean()) if finite.any() else math.nan,
+                    "mean_diff": stats["mean_diff"],
+                    "lo": stats["lo"],
+                    "hi": stats["hi"],
+                    "p_value_two_sided": stats["p_value_two_sided"],
+                }
+            )
+    return out
+
+
+def hierarchical_bootstrap(
+    a: Sequence[np.ndarray],
+    b: Sequence[np.ndarray],
+    n_boot: int = 10_000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Two-level paired bootstrap of a mean difference: seeds, then test cases within each seed.
+
+    The estimate is the mean over seeds of the per-seed mean case difference ``mean(a_s − b_s)``.
+    Each resample draws ``S`` seeds with replacement and, independently for each drawn seed, its
+    ``n_s`` cases with replacement; the interval is the percentile interval of the resampled
+    estimates and the p-value is computed as in :func:`paired_bootstrap`. The interval therefore
+    carries both the training variance (seeds) and the test-set sampling variance (cases), which a
+    bootstrap over 3 seed means alone cannot resolve. With one seed it is the case bootstrap.
+
+    Args:
+        a, b: per seed, the metric of every test case for the two methods: ``a[s]`` and ``b[s]`` of
+            shape ``(n_s,)``, aligned by case. Cases where either value is not finite are dropped;
+            seeds left without cases are dropped.
+        n_boot, ci, seed: as in :func:`paired_bootstrap`.
+
+    Returns:
+        ``{"mean_diff", "lo", "hi", "p_value_two_sided", "n", "n_cases"}``: ``n`` seeds, ``n_cases``
+        cases in all. No seed: all NaN.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length, a seed's arrays differ in shape or are not 1-D,
+            ``n_boot < 1`` or ``ci`` outside (0, 1).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"a and b must hold the same seeds, got {len(a)} and {len(b)}")
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    diffs = []
+    for index, (seed_a, seed_b) in enumerate(zip(a, b)):
+        arr_a, arr_b = np.asarray(seed_a, dtype=np.float64), np.asarray(seed_b, dtype=np.float64)
+        if arr_a.ndim != 1 or arr_a.shape != arr_b.shape:
+            raise ValueError(f"seed {index}: a and b must be 1-D and aligned by case, got {arr_a.shape} and {arr_b.shape}")
+        d = arr_a - arr_b
+        d = d[np.isfinite(d)]
+        if d.size:
+            diffs.append(d)
+    n_seeds = len(diffs)
+    result = {"mean_diff": math.nan, "lo": math.nan, "hi": math.nan, "p_value_two_sided": math.nan,
+              "n": n_seeds, "n_cases": int(sum(d.size for d in diffs))}
+    if n_seeds == 0:
+        return result
+    result["mean_diff"] = float(np.mean([d.mean() for d in diffs]))
+    rng = np.random.default_rng(seed)
+    n_boot = int(n_boot)
+    drawn = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # the seed filling slot j of resample r
+    slot_means = np.empty((n_boot, n_seeds), dtype=np.float64)
+    for j in range(n_seeds):
+        for s, d in enumerate(diffs):
+            replicates = np.flatnonzero(drawn[:, j] == s)  # each gets its own resample of seed s's cases
+            chunk = max(1, 4_000_000 // d.size)
+            for start in range(0, replicates.size, chunk):
+                part = replicates[start:start + chunk]
+                slot_means[part, j] = d[rng.integers(0, d.size, size=(part.size, d.size))].mean(axis=1)
+    means = slot_means.mean(axis=1)
+    alpha = 1.0 - ci
+    lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    below = (np.count_nonzero(means <= 0.0) + 1) / (n_boot + 1)
+    above = (np.count_nonzero(means >= 0.0) + 1) / (n_boot + 1)
+    result.update(lo=float(lo), hi=float(hi), p_value_two_sided=float(min(1.0, 2.0 * min(below, above))))
+    return result
+
+
+#: The ``metric`` name of :func:`case_comparisons` rows (final test Dice, CI over seeds and cases).
+CASE_METRIC = "final (cases)"
+
+
+def case_comparisons(
+    rows: Iterable[Mapping[str, Any]],
+    per_case: Mapping[str, Mapping[str, float]],
+    *,
+    n_boot: int = 10_000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """The comparisons of :func:`comparisons` on final test Dice, with :func:`hierarchical_bootstrap` CIs.
+
+    Args:
+        rows: result rows (all β; selection is applied here).
+        per_case: ``cell_id → {case_id: final test Dice}`` (a run folder's ``cells/*/test_per_case.csv``).
+            A seed enters a comparison when both of its selected cells have per-case values; cases
+            are matched by ``case_id``.
+        n_boot, ci, seed: passed to :func:`hierarchical_bootstrap`.
+
+    Returns:
+        Dicts with the keys of :func:`comparisons` (``metric`` = :data:`CASE_METRIC`, ``n`` = seeds)
+        plus ``n_cases``; ``mean_a`` / ``mean_b`` are means over seeds of the per-seed case means.
+        Comparisons without a seed having per-case values on both sides are left out.
+    """
+    out = []
+    for regime, method_a, method_b, kind, rows_a, rows_b in _comparison_plan(rows):
+        seeds, values_a, values_b = [], [], []
+        for s in sorted(set(rows_a) & set(rows_b), key=lambda s: (s is None, s)):
+            cases_a = per_case.get(str(rows_a[s].get("cell_id")))
+            cases_b = per_case.get(str(rows_b[s].get("cell_id")))
+            if not cases_a or not cases_b:
+                continue
+            shared = sorted(set(cases_a) & set(cases_b))
+            if not shared:
+                continue
+            seeds.append(s)
+            values_a.append(np.array([to_float(cases_a[c]) for c in shared]))
+            values_b.append(np.array([to_float(cases_b[c]) for c in shared]))
+        if not seeds:
+            continue
+        stats = hierarchical_bootstrap(values_a, values_b, n_boot=n_boot, ci=ci, seed=seed)
+        out.append(
+            {
+                **dict(zip(_REGIME_KEYS, regime)),
+                "comparison": f"{method_a} − {method_b}",
+                "kind": kind,
+                "method_a": method_a,
+                "method_b": method_b,
+                "metric": CASE_METRIC,
+                "n": stats["n"],
+                "seeds": " ".join(_format_seed(s) for s in seeds),
+                "mean_a": float(np.mean([np.nanmean(v) for v in values_a])),
+                "mean_b": float(np.mean([np.nanmean(v) for v in values_b])),
+                "mean_diff": stats["mean_diff"],
+                "lo": stats["lo"],
+                "hi": stats["hi"],
+                "p_value_two_sided": stats["p_value_two_sided"],
+                "n_cases": stats["n_cases"],
+            }
+        )
     return out
 
 
