@@ -75,6 +75,65 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def comparison_tables(comps: list[dict]) -> str:
+    """RN − summed and method − base, per regime: final Dice with the two-level (seeds × cases) CI,
+    and the seed-level differences of peak / sustained / drop."""
+
+    def cell(record: dict | None) -> str:
+        if record is None or record["mean_diff"] in ("", "nan"):
+            return "—"
+        diff, lo, hi = float(record["mean_diff"]), record["lo"], record["hi"]
+        if lo in ("", "nan") or hi in ("", "nan"):
+            return f"{diff:+.3f}"
+        star = "*" if float(lo) > 0 or float(hi) < 0 else ""
+        return f"{diff:+.3f} [{float(lo):+.3f}, {float(hi):+.3f}]{star}"
+
+    index = {(r["judge"], r["mining"], r["comparison"], r["metric"]): r for r in comps}
+    regimes = sorted({(r["judge"], r["mining"]) for r in comps}, key=lambda jm: (JUDGES.index(jm[0]) if jm[0] in JUDGES else 99, jm[1]))
+    out = ["\n**Differences** (mean over seeds; 95 % CI in brackets, * = excludes 0). `final (cases)`: final test "
+           "Dice, two-level bootstrap over seeds and test cases. peak / sustained / drop: bootstrap over the seeds "
+           "only (3 values: descriptive).\n"]
+    def order(name: str) -> tuple:
+        method = name.split(" − ")[0]
+        return (name.endswith("− base"), METHODS.index(method) if method in METHODS else 99)
+
+    names = sorted({r["comparison"] for r in comps}, key=order)
+    header = ["judge", "mining", "comparison", "final (cases)", "sustained", "peak", "drop"]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for judge, mining in regimes:
+        for name in names:
+            records = [index.get((judge, mining, name, m)) for m in ("final (cases)", "sustained", "peak", "drop")]
+            if all(r is None for r in records):
+                continue
+            out.append("| " + " | ".join([judge, mining, name] + [cell(r) for r in records]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def costs(run: Path, rows: list[dict]) -> str:
+    """Compute time per seed, from the stage summaries (``seconds``) and the cells' ``wall_s``."""
+    per_seed: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    shared = (run / "stages").is_symlink()  # stages reused from another run (`--stages`): not paid here
+    for done in [] if shared else run.glob("stages/*/done.json"):
+        parts = yaml.safe_load((done.parent / "config.yaml").read_text())["parts"]
+        seed = parts[1]["seed"]  # the seeded split
+        kind = done.parent.name.split("-")[0]
+        per_seed[seed][kind] += float(json.loads(done.read_text()).get("seconds") or 0.0)
+    cells = {r["cell_id"]: r for r in rows}
+    for row in cells.values():
+        per_seed[int(row["seed"])]["cells"] += float(row["wall_s"] or 0.0)
+        per_seed[int(row["seed"])]["n_cells"] += 1
+    note = " Stages were reused from the main run (`--stages`) and cost nothing here." if shared else ""
+    out = [f"\n**Compute time per seed** (seconds; stage `seconds` and cell `wall_s` as recorded by `rndpo run`).{note}\n",
+           "| seed | base | bank | scores (all judges) | pairs | cells (n) | total (min) |", "|---|---|---|---|---|---|---|"]
+    for seed in sorted(per_seed):
+        c = per_seed[seed]
+        total = sum(c[k] for k in ("base", "bank", "scores", "pairs", "cells"))
+        out.append(f"| {seed} | {c['base']:.0f} | {c['bank']:.0f} | {c['scores']:.0f} | {c['pairs']:.0f} | "
+                   f"{c['cells']:.0f} ({int(c['n_cells'])}) | {total / 60:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 def audits(run: Path) -> list[dict]:
     records = []
     for path in sorted(run.glob("stages/scores-*/audit.json")):
@@ -113,7 +172,11 @@ def publish(run: Path) -> None:
     for regime in (f"oracle-{mining}", f"oracle-gaussian-0.2-{mining}", f"agreement-{mining}"):
         for path in report.glob(f"beta_*-{regime}.png"):
             shutil.copy(path, figures / f"{dataset}_beta_{regime}.png")
-    (results / f"{dataset}_tables.md").write_text(tables(rows))
+    text = tables(rows) + costs(run, rows)
+    if (run / "comparisons.csv").exists():
+        with open(run / "comparisons.csv", newline="") as handle:
+            text += comparison_tables(list(csv.DictReader(handle)))
+    (results / f"{dataset}_tables.md").write_text(text)
     print(f"{dataset}: {len(rows)} rows → {results}, figures → {figures}")
 
 
