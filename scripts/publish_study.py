@@ -110,6 +110,31 @@ def comparison_tables(comps: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def audit_table(run: Path) -> str:
+    """Judge audits on val (mean over seeds) and the fraction of mined pool pairs that are truly right."""
+    scores = defaultdict(lambda: defaultdict(list))
+    for record in audits(run):
+        for key in ("spearman", "pairwise_accuracy", "top1_regret"):
+            if record.get(key) is not None:
+                scores[record["judge"]][key].append(float(record[key]))
+    right = defaultdict(list)
+    for path in run.glob("stages/pairs-*/pairs_audit.json"):
+        data = json.loads(path.read_text())
+        right[(data["judge"], data["mining"])].append(float(data["truly_better_fraction"]))
+    minings = sorted({m for _, m in right})
+    header = ["judge", "seeds", "ρ", "pairwise acc.", "top-1 regret"] + [f"truly better ({m})" for m in minings]
+    out = ["\n**Judge audits** (val split, mean over seeds; truly better = fraction of mined pool pairs whose "
+           "chosen mask has the higher true Dice)\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for judge in [j for j in JUDGES if j in scores]:
+        values = scores[judge]
+        cells = [judge, str(len(values["pairwise_accuracy"]))]
+        cells += [f"{np.mean(values[k]):.2f}" if k != "top1_regret" else f"{np.mean(values[k]):.3f}"
+                  for k in ("spearman", "pairwise_accuracy", "top1_regret")]
+        cells += [f"{np.mean(right[(judge, m)]):.2f}" if right.get((judge, m)) else "—" for m in minings]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def costs(run: Path, rows: list[dict]) -> str:
     """Compute time per seed, from the stage summaries (``seconds``) and the cells' ``wall_s``."""
     per_seed: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -172,7 +197,7 @@ def publish(run: Path) -> None:
     for regime in (f"oracle-{mining}", f"oracle-gaussian-0.2-{mining}", f"agreement-{mining}"):
         for path in report.glob(f"beta_*-{regime}.png"):
             shutil.copy(path, figures / f"{dataset}_beta_{regime}.png")
-    text = tables(rows) + costs(run, rows)
+    text = tables(rows) + audit_table(run) + costs(run, rows)
     if (run / "comparisons.csv").exists():
         with open(run / "comparisons.csv", newline="") as handle:
             text += comparison_tables(list(csv.DictReader(handle)))
