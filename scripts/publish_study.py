@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rndpo.config import OBJECTIVES
+from rndpo.experiment import PER_CASE_FILE, read_per_case
 from rndpo.report import read_results, write_report
+from rndpo.stats import hierarchical_bootstrap, paired_bootstrap, selected_rows
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 METHODS = ["base", "pseudo-label", "entropy-min", "mean-teacher", "dpo", "rn-dpo", "rdpo", "rn-rdpo", "oracle"]
@@ -107,6 +110,45 @@ def comparison_tables(comps: list[dict]) -> str:
             if all(r is None for r in records):
                 continue
             out.append("| " + " | ".join([judge, mining, name] + [cell(r) for r in records]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def mining_table(run: Path, rows: list[dict], a: str = "top-vs-rest", b: str = "random-pairs") -> str:
+    """Question 1: ``a − b`` mining per (judge, objective), paired by seed (and by test case for final Dice)."""
+    chosen = selected_rows(rows)
+    by = {(r["judge"], r["mining"], r["method"], int(r["seed"])): r for r in chosen}
+    out = [f"\n**Mining: {a} − {b}** (same judge, objective and seed; β chosen on val for each). peak: bootstrap "
+           "over seeds; final (cases): two-level bootstrap over seeds and test cases. 95 % CI, * = excludes 0.\n",
+           "| judge | method | peak | final (cases) | seeds |", "|---|---|---|---|---|"]
+
+    def fmt_ci(stats: dict) -> str:
+        if not np.isfinite(stats["mean_diff"]):
+            return "—"
+        if not (np.isfinite(stats["lo"]) and np.isfinite(stats["hi"])):
+            return f"{stats['mean_diff']:+.3f}"
+        star = "*" if stats["lo"] > 0 or stats["hi"] < 0 else ""
+        return f"{stats['mean_diff']:+.3f} [{stats['lo']:+.3f}, {stats['hi']:+.3f}]{star}"
+
+    methods = [m for m in METHODS if m in OBJECTIVES and any(k[2] == m and k[1] == a for k in by) and any(k[2] == m and k[1] == b for k in by)]
+    for judge in JUDGES:
+        for method in methods:
+            seeds = sorted(s for (j, m, meth, s) in by if j == judge and m == a and meth == method
+                           and (judge, b, method, s) in by)
+            if not seeds:
+                continue
+            peaks_a = [float(by[(judge, a, method, s)]["peak"]) for s in seeds]
+            peaks_b = [float(by[(judge, b, method, s)]["peak"]) for s in seeds]
+            cases_a, cases_b = [], []
+            for s in seeds:
+                files = [run / "cells" / by[(judge, m, method, s)]["cell_id"] / PER_CASE_FILE for m in (a, b)]
+                if all(f.is_file() for f in files):
+                    first, second = (read_per_case(f) for f in files)
+                    shared = sorted(set(first) & set(second))
+                    cases_a.append(np.array([first[c] for c in shared]))
+                    cases_b.append(np.array([second[c] for c in shared]))
+            final = hierarchical_bootstrap(cases_a, cases_b) if cases_a else {"mean_diff": float("nan")}
+            out.append(f"| {judge} | {method} | {fmt_ci(paired_bootstrap(peaks_a, peaks_b))} | {fmt_ci(final)} | "
+                       f"{' '.join(map(str, seeds))} |")
     return "\n".join(out) + "\n"
 
 
@@ -198,6 +240,8 @@ def publish(run: Path) -> None:
         for path in report.glob(f"beta_*-{regime}.png"):
             shutil.copy(path, figures / f"{dataset}_beta_{regime}.png")
     text = tables(rows) + audit_table(run) + costs(run, rows)
+    if {"top-vs-rest", "random-pairs"} <= {r["mining"] for r in rows}:
+        text += mining_table(run, rows)
     if (run / "comparisons.csv").exists():
         with open(run / "comparisons.csv", newline="") as handle:
             text += comparison_tables(list(csv.DictReader(handle)))
