@@ -7,8 +7,10 @@ For each run folder: ``rndpo report`` is (re)written, then
   seeds), ``<dataset>_comparisons.csv`` (paired bootstrap CIs), ``<dataset>_audit.csv`` (judge audits);
 - ``docs/figures/<dataset>_curves.png`` (test Dice curves of every regime), ``<dataset>_region_hist.png``
   (|D| of right vs wrong pairs), ``<dataset>_beta_<regime>.png`` for two regimes;
-- ``docs/results/<dataset>_tables.md``: per regime the selected-β summary of every method (the tables of
-  RESULTS.md), generated, never typed by hand.
+- ``docs/results/<dataset>_tables.md``: every table (test Dice per metric, β chosen, judge audits, compute
+  time, mining and method differences with CIs), generated, never typed by hand;
+- the tables of ``docs/RESULTS.md``: each between ``<!-- BEGIN <dataset>:<table> -->`` and ``<!-- END … -->``
+  markers, replaced by the generated table (the text around them is written by hand, from these numbers).
 """
 
 from __future__ import annotations
@@ -42,45 +44,44 @@ def fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def tables(rows: list[dict]) -> str:
-    selected = [r for r in rows if r.get("selected") in (True, "True", "true", 1)]
-    seeds = sorted({int(r["seed"]) for r in selected})
-    out = [f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds where n > 1). β chosen per method and seed "
-           "on the val split (sustained val Dice). Test Dice.\n"]
-    for metric in ("peak", "sustained", "final", "drop"):
-        out.append(f"\n**{metric}** (test Dice)\n")
-        minings = sorted({r["mining"] for r in selected})
-        header = ["judge (pairwise acc.)", "mining"] + METHODS
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "---|" * len(header))
-        for judge in JUDGES:
-            for mining in minings:
-                cell = defaultdict(list)
-                accuracy = []
-                for r in selected:
-                    if r["judge"] == judge and r["mining"] == mining:
-                        cell[r["method"]].append(float(r[metric]))
-                        if r.get("judge_accuracy") not in (None, ""):
-                            accuracy.append(float(r["judge_accuracy"]))
-                if not cell:
-                    continue
-                label = f"{judge} ({np.mean(accuracy):.2f})" if accuracy else judge
-                out.append("| " + " | ".join([label, mining] + [fmt(cell.get(m, [])) for m in METHODS]) + " |")
+def metric_table(rows: list[dict], metric: str) -> str:
+    """Test ``metric`` per (judge, mining) × method: mean ± std over seeds of the β chosen on val."""
+    selected = selected_rows(rows)
+    methods = [m for m in METHODS if any(r["method"] == m for r in selected)]
+    minings = sorted({r["mining"] for r in selected})
+    header = ["judge (pairwise acc.)", "mining"] + methods
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for judge in JUDGES:
+        for mining in minings:
+            cell = defaultdict(list)
+            accuracy = []
+            for r in selected:
+                if r["judge"] == judge and r["mining"] == mining:
+                    cell[r["method"]].append(float(r[metric]))
+                    if r.get("judge_accuracy") not in (None, ""):
+                        accuracy.append(float(r["judge_accuracy"]))
+            if not cell:
+                continue
+            label = f"{judge} ({np.mean(accuracy):.2f})" if accuracy else judge
+            out.append("| " + " | ".join([label, mining] + [fmt(cell.get(m, [])) for m in methods]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def beta_table(rows: list[dict]) -> str:
+    """The β chosen on val, per (objective, judge, mining), one value per seed."""
     betas = defaultdict(list)
-    for r in selected:
+    for r in sorted(selected_rows(rows), key=lambda r: int(r["seed"])):
         if r.get("beta") not in (None, "") and float(r["beta"]) == float(r["beta"]):  # objectives only
             betas[(r["method"], r["judge"], r["mining"])].append(float(r["beta"]))
-    out.append("\n**β chosen on val** (per seed)\n")
-    out.append("| method | judge | mining | β |")
-    out.append("|---|---|---|---|")
+    out = ["| method | judge | mining | β (seeds in order) |", "|---|---|---|---|"]
     for (method, judge, mining), values in sorted(betas.items()):
         out.append(f"| {method} | {judge} | {mining} | {', '.join(f'{b:g}' for b in values)} |")
     return "\n".join(out) + "\n"
 
 
-def comparison_tables(comps: list[dict]) -> str:
-    """RN − summed and method − base, per regime: final Dice with the two-level (seeds × cases) CI,
-    and the seed-level differences of peak / sustained / drop."""
+def comparison_table(comps: list[dict], kind: str | None = None) -> str:
+    """RN − summed and method − base (or only ``kind``), per regime: final Dice with the two-level
+    (seeds × cases) CI, and the seed-level differences of sustained / peak / drop."""
 
     def cell(record: dict | None) -> str:
         if record is None or record["mean_diff"] in ("", "nan"):
@@ -93,9 +94,10 @@ def comparison_tables(comps: list[dict]) -> str:
 
     index = {(r["judge"], r["mining"], r["comparison"], r["metric"]): r for r in comps}
     regimes = sorted({(r["judge"], r["mining"]) for r in comps}, key=lambda jm: (JUDGES.index(jm[0]) if jm[0] in JUDGES else 99, jm[1]))
-    out = ["\n**Differences** (mean over seeds; 95 % CI in brackets, * = excludes 0). `final (cases)`: final test "
-           "Dice, two-level bootstrap over seeds and test cases. peak / sustained / drop: bootstrap over the seeds "
-           "only (3 values: descriptive).\n"]
+    if kind is not None:
+        comps = [r for r in comps if r["kind"] == kind]
+    out = []
+
     def order(name: str) -> tuple:
         method = name.split(" − ")[0]
         return (name.endswith("− base"), METHODS.index(method) if method in METHODS else 99)
@@ -117,9 +119,7 @@ def mining_table(run: Path, rows: list[dict], a: str = "top-vs-rest", b: str = "
     """Question 1: ``a − b`` mining per (judge, objective), paired by seed (and by test case for final Dice)."""
     chosen = selected_rows(rows)
     by = {(r["judge"], r["mining"], r["method"], int(r["seed"])): r for r in chosen}
-    out = [f"\n**Mining: {a} − {b}** (same judge, objective and seed; β chosen on val for each). peak: bootstrap "
-           "over seeds; final (cases): two-level bootstrap over seeds and test cases. 95 % CI, * = excludes 0.\n",
-           "| judge | method | peak | final (cases) | seeds |", "|---|---|---|---|---|"]
+    out = ["| judge | method | peak | final (cases) | seeds |", "|---|---|---|---|---|"]
 
     def fmt_ci(stats: dict) -> str:
         if not np.isfinite(stats["mean_diff"]):
@@ -165,8 +165,7 @@ def audit_table(run: Path) -> str:
         right[(data["judge"], data["mining"])].append(float(data["truly_better_fraction"]))
     minings = sorted({m for _, m in right})
     header = ["judge", "seeds", "ρ", "pairwise acc.", "top-1 regret"] + [f"truly better ({m})" for m in minings]
-    out = ["\n**Judge audits** (val split, mean over seeds; truly better = fraction of mined pool pairs whose "
-           "chosen mask has the higher true Dice)\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for judge in [j for j in JUDGES if j in scores]:
         values = scores[judge]
         cells = [judge, str(len(values["pairwise_accuracy"]))]
@@ -190,14 +189,14 @@ def costs(run: Path, rows: list[dict]) -> str:
     for row in cells.values():
         per_seed[int(row["seed"])]["cells"] += float(row["wall_s"] or 0.0)
         per_seed[int(row["seed"])]["n_cells"] += 1
-    note = " Stages were reused from the main run (`--stages`) and cost nothing here." if shared else ""
-    out = [f"\n**Compute time per seed** (seconds; stage `seconds` and cell `wall_s` as recorded by `rndpo run`).{note}\n",
-           "| seed | base | bank | scores (all judges) | pairs | cells (n) | total (min) |", "|---|---|---|---|---|---|---|"]
+    out = ["| seed | base | bank | scores (all judges) | pairs | cells (n) | total (min) |", "|---|---|---|---|---|---|---|"]
     for seed in sorted(per_seed):
         c = per_seed[seed]
         total = sum(c[k] for k in ("base", "bank", "scores", "pairs", "cells"))
         out.append(f"| {seed} | {c['base']:.0f} | {c['bank']:.0f} | {c['scores']:.0f} | {c['pairs']:.0f} | "
                    f"{c['cells']:.0f} ({int(c['n_cells'])}) | {total / 60:.1f} |")
+    if shared:
+        out.append("\nStages were reused from the main run (`--stages`) and cost nothing here.")
     return "\n".join(out) + "\n"
 
 
@@ -212,7 +211,7 @@ def audits(run: Path) -> list[dict]:
     return records
 
 
-def publish(run: Path) -> None:
+def publish(run: Path) -> dict[str, str]:
     write_report(run)
     rows = read_results(run)
     # files are named by the experiment: study-busbra → busbra, study-busbra-long → busbra-long
@@ -239,16 +238,48 @@ def publish(run: Path) -> None:
     for regime in (f"oracle-{mining}", f"oracle-gaussian-0.2-{mining}", f"agreement-{mining}"):
         for path in report.glob(f"beta_*-{regime}.png"):
             shutil.copy(path, figures / f"{dataset}_beta_{regime}.png")
-    text = tables(rows) + audit_table(run) + costs(run, rows)
+    sections = {f"{dataset}:{metric}": metric_table(rows, metric) for metric in ("peak", "sustained", "final", "drop")}
+    sections[f"{dataset}:beta"] = beta_table(rows)
+    sections[f"{dataset}:audit"] = audit_table(run)
+    sections[f"{dataset}:cost"] = costs(run, rows)
     if {"top-vs-rest", "random-pairs"} <= {r["mining"] for r in rows}:
-        text += mining_table(run, rows)
+        sections[f"{dataset}:mining"] = mining_table(run, rows)
     if (run / "comparisons.csv").exists():
         with open(run / "comparisons.csv", newline="") as handle:
-            text += comparison_tables(list(csv.DictReader(handle)))
-    (results / f"{dataset}_tables.md").write_text(text)
+            comps = list(csv.DictReader(handle))
+        sections[f"{dataset}:rn"] = comparison_table(comps, kind="region-normalised vs summed")
+        sections[f"{dataset}:differences"] = comparison_table(comps)
+    seeds = sorted({int(r["seed"]) for r in rows})
+    text = [f"# {dataset}: generated by scripts/publish_study.py from {run.name} (seeds {', '.join(map(str, seeds))})\n",
+            "Test Dice of the β chosen per method and seed on val (sustained val Dice), mean ± std over seeds.",
+            "Differences: mean over seeds, 95 % CI in brackets, * = CI excludes 0; `final (cases)` = two-level",
+            "bootstrap over seeds and test cases, other columns = bootstrap over the seeds only (descriptive).\n"]
+    for key, table in sections.items():
+        text += [f"## {key.split(':', 1)[1]}\n", table]
+    (results / f"{dataset}_tables.md").write_text("\n".join(text))
     print(f"{dataset}: {len(rows)} rows → {results}, figures → {figures}")
+    return sections
+
+
+def fill_markers(path: Path, sections: dict[str, str]) -> list[str]:
+    """Replace the text between ``<!-- BEGIN key -->`` and ``<!-- END key -->`` in ``path`` by ``sections[key]``;
+    returns the keys filled. Markers naming an unknown key are left as they are."""
+    text = path.read_text()
+    filled = []
+    for key, table in sections.items():
+        begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{begin}\n{table.strip()}\n{end}{tail}"
+            filled.append(key)
+    path.write_text(text)
+    return filled
 
 
 if __name__ == "__main__":
+    sections: dict[str, str] = {}
     for argument in sys.argv[1:]:
-        publish(Path(argument))
+        sections.update(publish(Path(argument)))
+    filled = fill_markers(DOCS / "RESULTS.md", sections)
+    print(f"RESULTS.md: {len(filled)} tables filled ({', '.join(filled)})")
