@@ -231,8 +231,9 @@ def publish(run: Path) -> dict[str, str]:
             writer.writeheader()
             writer.writerows(audit_rows)
     report = run / "report"
+    shared = (run / "stages").is_symlink()  # the pairs (and their |D| histogram) belong to the main run
     for name, target in (("curves_all.png", "curves"), ("region_hist.png", "region_hist")):
-        if (report / name).exists():
+        if (report / name).exists() and not (shared and target == "region_hist"):
             shutil.copy(report / name, figures / f"{dataset}_{target}.png")
     mining = "top-vs-rest" if any(r["mining"] == "top-vs-rest" for r in rows) else "random-pairs"
     for regime in (f"oracle-{mining}", f"oracle-gaussian-0.2-{mining}", f"agreement-{mining}"):
