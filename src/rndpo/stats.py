@@ -208,11 +208,7 @@ def paired_bootstrap(
     for start in range(0, n_boot, chunk):
         stop = min(n_boot, start + chunk)
         means[start:stop] = diffs[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    alpha = 1.0 - ci
-    lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    below = (np.count_nonzero(means <= 0.0) + 1) / (n_boot + 1)
-    above = (np.count_nonzero(means >= 0.0) + 1) / (n_boot + 1)
-    result.update(lo=float(lo), hi=float(hi), p_value_two_sided=float(min(1.0, 2.0 * min(below, above))))
+    result.update(_percentile_interval(means, ci))
     return result
 
 
@@ -265,6 +261,16 @@ def select_beta(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
     for index, row in enumerate(copies):
         row["selected"] = index in chosen
     return copies
+
+
+def _percentile_interval(means: np.ndarray, ci: float) -> dict[str, float]:
+    """Percentile interval and two-sided p-value (with the +1 correction) of bootstrap means."""
+    n_boot = means.size
+    alpha = 1.0 - ci
+    lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    below = (np.count_nonzero(means <= 0.0) + 1) / (n_boot + 1)
+    above = (np.count_nonzero(means >= 0.0) + 1) / (n_boot + 1)
+    return {"lo": float(lo), "hi": float(hi), "p_value_two_sided": float(min(1.0, 2.0 * min(below, above)))}
 
 
 def selected_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
@@ -426,11 +432,7 @@ def hierarchical_bootstrap(
                 part = replicates[start:start + chunk]
                 slot_means[part, j] = d[rng.integers(0, d.size, size=(part.size, d.size))].mean(axis=1)
     means = slot_means.mean(axis=1)
-    alpha = 1.0 - ci
-    lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    below = (np.count_nonzero(means <= 0.0) + 1) / (n_boot + 1)
-    above = (np.count_nonzero(means >= 0.0) + 1) / (n_boot + 1)
-    result.update(lo=float(lo), hi=float(hi), p_value_two_sided=float(min(1.0, 2.0 * min(below, above))))
+    result.update(_percentile_interval(means, ci))
     return result
 
 
