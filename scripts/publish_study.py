@@ -28,7 +28,7 @@ import yaml
 from rndpo.config import OBJECTIVES
 from rndpo.experiment import PER_CASE_FILE, read_per_case
 from rndpo.report import read_results, write_report
-from rndpo.stats import hierarchical_bootstrap, paired_bootstrap, selected_rows
+from rndpo.stats import hierarchical_bootstrap, paired_bootstrap, selected_rows, to_float
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 METHODS = ["base", "pseudo-label", "entropy-min", "mean-teacher", "dpo", "rn-dpo", "rdpo", "rn-rdpo", "oracle"]
@@ -42,6 +42,18 @@ def fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def ci_text(record: dict | None) -> str:
+    """"+0.012 [+0.003, +0.020]*" from a bootstrap result or a comparisons.csv row (* = CI excludes 0)."""
+    diff = to_float(record["mean_diff"]) if record is not None else float("nan")
+    if not np.isfinite(diff):
+        return "—"
+    lo, hi = to_float(record["lo"]), to_float(record["hi"])
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{diff:+.3f}"
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
 
 
 def metric_table(rows: list[dict], metric: str) -> str:
@@ -83,15 +95,6 @@ def comparison_table(comps: list[dict], kind: str | None = None) -> str:
     """RN − summed and method − base (or only ``kind``), per regime: final Dice with the two-level
     (seeds × cases) CI, and the seed-level differences of sustained / peak / drop."""
 
-    def cell(record: dict | None) -> str:
-        if record is None or record["mean_diff"] in ("", "nan"):
-            return "—"
-        diff, lo, hi = float(record["mean_diff"]), record["lo"], record["hi"]
-        if lo in ("", "nan") or hi in ("", "nan"):
-            return f"{diff:+.3f}"
-        star = "*" if float(lo) > 0 or float(hi) < 0 else ""
-        return f"{diff:+.3f} [{float(lo):+.3f}, {float(hi):+.3f}]{star}"
-
     index = {(r["judge"], r["mining"], r["comparison"], r["metric"]): r for r in comps}
     regimes = sorted({(r["judge"], r["mining"]) for r in comps}, key=lambda jm: (JUDGES.index(jm[0]) if jm[0] in JUDGES else 99, jm[1]))
     if kind is not None:
@@ -111,7 +114,7 @@ def comparison_table(comps: list[dict], kind: str | None = None) -> str:
             records = [index.get((judge, mining, name, m)) for m in ("final (cases)", "sustained", "peak", "drop")]
             if all(r is None for r in records):
                 continue
-            out.append("| " + " | ".join([judge, mining, name] + [cell(r) for r in records]) + " |")
+            out.append("| " + " | ".join([judge, mining, name] + [ci_text(r) for r in records]) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -120,14 +123,6 @@ def mining_table(run: Path, rows: list[dict], a: str = "top-vs-rest", b: str = "
     chosen = selected_rows(rows)
     by = {(r["judge"], r["mining"], r["method"], int(r["seed"])): r for r in chosen}
     out = ["| judge | method | peak | final (cases) | seeds |", "|---|---|---|---|---|"]
-
-    def fmt_ci(stats: dict) -> str:
-        if not np.isfinite(stats["mean_diff"]):
-            return "—"
-        if not (np.isfinite(stats["lo"]) and np.isfinite(stats["hi"])):
-            return f"{stats['mean_diff']:+.3f}"
-        star = "*" if stats["lo"] > 0 or stats["hi"] < 0 else ""
-        return f"{stats['mean_diff']:+.3f} [{stats['lo']:+.3f}, {stats['hi']:+.3f}]{star}"
 
     methods = [m for m in METHODS if m in OBJECTIVES and any(k[2] == m and k[1] == a for k in by) and any(k[2] == m and k[1] == b for k in by)]
     for judge in JUDGES:
@@ -147,7 +142,7 @@ def mining_table(run: Path, rows: list[dict], a: str = "top-vs-rest", b: str = "
                     cases_a.append(np.array([first[c] for c in shared]))
                     cases_b.append(np.array([second[c] for c in shared]))
             final = hierarchical_bootstrap(cases_a, cases_b) if cases_a else {"mean_diff": float("nan")}
-            out.append(f"| {judge} | {method} | {fmt_ci(paired_bootstrap(peaks_a, peaks_b))} | {fmt_ci(final)} | "
+            out.append(f"| {judge} | {method} | {ci_text(paired_bootstrap(peaks_a, peaks_b))} | {ci_text(final)} | "
                        f"{' '.join(map(str, seeds))} |")
     return "\n".join(out) + "\n"
 
